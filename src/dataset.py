@@ -1,0 +1,116 @@
+"""The torch Dataset: one image row -> tiles of both views (normalised tensors), targets in grams, aux labels."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+from tqdm.auto import tqdm
+
+from .constants import IGNORE_INDEX, TARGETS
+from .images import load_views, tile_view, tiles_to_tensor
+
+logger = logging.getLogger(__name__)
+
+LABEL_COLUMNS = {"state": "state_idx", "month": "month_idx", "species": "species_idx"}
+
+
+def build_image_cache(paths, grid, img_size, desc: str = "caching images") -> dict:
+    """Decode every photo once into its (left, right) uint8 views at the size the tiles need (--cache-images)."""
+    cache = {}
+    for path in tqdm(list(dict.fromkeys(paths)), desc=desc, unit="img"):
+        cache[path] = load_views(path, grid=tuple(grid), img_size=img_size)
+    size_gb = sum(v[0].nbytes + v[1].nbytes for v in cache.values()) / 1e9
+    logger.info("image cache: %d photos, %.2f GB in RAM", len(cache), size_gb)
+    return cache
+
+
+class BiomassDataset(Dataset):
+    """Rows of a one-row-per-image DataFrame as model inputs.
+
+    Each item: `left`, `right` (T, 3, S, S) float32 normalised tiles, `target` (5,) grams (zeros when the
+    frame has no targets), `state`/`month`/`species` class indices (IGNORE_INDEX where unknown), `index`.
+    Order of work: decode (or cache) -> constrained MixUp/CutMix -> stereo augmentation -> tiling -> tensors,
+    so every augmentation sees uint8 pixels.
+    """
+
+    def __init__(self, df, grid, img_size, mean, std, augment=None, mixer=None, image_cache: dict | None = None):
+        self.paths = df["abs_path"].tolist()
+        self.grid = tuple(grid)
+        self.img_size = int(img_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        has_targets = all(t in df.columns for t in TARGETS)
+        n = len(df)
+        self.targets = df[list(TARGETS)].to_numpy(np.float32) if has_targets else np.zeros((n, len(TARGETS)), np.float32)
+        self.labels = {
+            head: (df[col].to_numpy(np.int64) if col in df.columns else np.full(n, IGNORE_INDEX, np.int64))
+            for head, col in LABEL_COLUMNS.items()
+        }
+        self.augment = augment
+        self.mixer = mixer
+        self.image_cache = image_cache
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int):
+        """The raw (left, right) uint8 views of row i, from the RAM cache when there is one."""
+        path = self.paths[i]
+        if self.image_cache is not None and path in self.image_cache:
+            return self.image_cache[path]
+        return load_views(path, grid=self.grid, img_size=self.img_size)
+
+    def reseed(self, seed: int) -> None:
+        """Make augmentation and mixing repeatable for this epoch and worker."""
+        if self.augment is not None:
+            self.augment.reseed(seed)
+        if self.mixer is not None:
+            self.mixer.reseed(seed + 7919)
+
+    def __getitem__(self, i: int) -> dict:
+        views = self.load(i)
+        target = self.targets[i].copy()
+        if self.mixer is not None and self.mixer.enabled:
+            views, target, _ = self.mixer(i, views, target, lambda j: (self.load(j), self.targets[j]))
+        left, right = views
+        if self.augment is not None:
+            left, right = self.augment(left, right)
+        item = {
+            "left": tiles_to_tensor(tile_view(left, self.grid), self.mean, self.std),
+            "right": tiles_to_tensor(tile_view(right, self.grid), self.mean, self.std),
+            "target": torch.as_tensor(np.asarray(target, np.float32)),
+            "index": i,
+        }
+        for head, labels in self.labels.items():
+            item[head] = int(labels[i])
+        return item
+
+
+def _worker_init(worker_id: int) -> None:
+    # Workers are re-created every epoch (no persistent workers), so epoch and worker id give a fresh stream.
+    info = get_worker_info()
+    ds = info.dataset
+    ds.reseed(int(ds.base_seed) + 1000 * int(ds.epoch) + worker_id + 1)
+
+
+def make_loader(dataset: BiomassDataset, *, batch_size: int, shuffle: bool, num_workers: int, prefetch_factor: int,
+                seed: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader whose shuffling and augmentation are repeatable for a seed (set `dataset.epoch` per epoch)."""
+    dataset.base_seed = seed
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    kwargs = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
+                      pin_memory=pin_memory, drop_last=False, **kwargs)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the dataset the epoch before iterating; without workers reseed here, with workers `_worker_init` does."""
+    ds = loader.dataset
+    ds.epoch = epoch
+    if loader.num_workers == 0:
+        ds.reseed(int(ds.base_seed) + 1000 * epoch)

@@ -1,0 +1,164 @@
+"""Train the 5-head DINOv2 biomass model with K-fold cross-validation.
+
+Single process:
+    python -m src.train_5head --base-path data --epochs 10 --train-folds 0 --device-type cuda
+Tiny CPU run on synthetic data (no pretrained weights needed):
+    python -m src.make_synthetic --out data
+    python -m src.train_5head --base-path data --backbone vit_small_patch14_reg4_dinov2.lvd142m --no-pretrained \
+        --img-size 56 --epochs 2 --batch-size 4 --num-workers 0 --device-type cpu
+Multi-GPU training through torchrun arrives in a later release; under torchrun with more than one process
+this entry point currently refuses to start.
+
+Writes into --output-dir: 5head_best_fold{k}.pth, folds.csv, config.json, log_fold{k}.csv, summary.json and
+learning_curves.png.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .checkpoint import checkpoint_name
+from .config import ConfigError, RunConfig, build_parser, config_from_args
+from .constants import TARGETS
+from .data import DataError, load_train
+from .dataset import build_image_cache
+from .device import resolve_amp_dtype, resolve_device
+from .distributed import detect
+from .fileio import write_json
+from .folds import FoldError, fold_summary, make_folds, read_fold_csv, write_folds
+from .images import ImageReadError
+from .plots import plot_learning_curves
+from .trainer import FoldTrainer, build_model
+
+logger = logging.getLogger("src.train_5head")
+
+RUN_FILES = ("config.json", "folds.csv", "summary.json")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(output_dir: str | None) -> Path:
+    """The run folder: the given one (refused when it already holds a run) or a new timestamped one."""
+    if output_dir is None:
+        base = Path("outputs") / datetime.now().strftime("5head_%Y%m%d_%H%M%S")
+        path, n = base, 1
+        while path.exists():
+            path, n = Path(f"{base}_{n}"), n + 1
+        return path
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output-dir {path} exists and is not a folder")
+    if path.is_dir():
+        held = [f for f in RUN_FILES if (path / f).exists()] + sorted(p.name for p in path.glob("5head_best_fold*.pth"))
+        if held:
+            raise ConfigError(f"--output-dir {path} already holds a run ({', '.join(held[:4])}): "
+                              "choose a new folder so earlier results are not overwritten")
+    return path
+
+
+def assign_folds(cfg: RunConfig, df: pd.DataFrame) -> np.ndarray:
+    """Folds from --fold-csv when given (it overrides --cv-strategy), otherwise from the CV strategy."""
+    d = cfg.data
+    if d.fold_csv:
+        logger.info("folds from %s (overrides --cv-strategy)", d.fold_csv)
+        return read_fold_csv(d.fold_csv, df, d.num_folds)
+    return make_folds(df, d.cv_strategy, d.num_folds, cfg.seed)
+
+
+def check_backbone(cfg: RunConfig) -> None:
+    """Build the model once before anything is written, so missing weights or a bad name fail fast."""
+    model = build_model(cfg)
+    logger.info("model: %s (%s weights)", cfg.model.backbone, cfg.model.backbone_weights or
+                ("pretrained" if cfg.model.pretrained else "random"))
+    del model
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train every fold of --train-folds; returns the summary also written to summary.json."""
+    dist = detect()
+    if dist.enabled:
+        raise ConfigError(f"torchrun with {dist.world_size} processes: multi-GPU training is not supported yet; "
+                          "run a single process")
+    device = resolve_device(cfg.device_type)
+    amp_dtype = resolve_amp_dtype(cfg.train.amp_dtype, device)
+    out_dir = prepare_output_dir(cfg.output_dir)
+    df = load_train(cfg.data.base_path)
+    folds = assign_folds(cfg, df)
+    missing = [k for k in cfg.data.train_folds if not (folds == k).any()]
+    if missing:
+        raise FoldError(f"--train-folds {missing}: no images in those folds")
+    logger.info("%d images, %d folds, mode %s, device %s, autocast %s", len(df), cfg.data.num_folds,
+                cfg.train.mode, device, amp_dtype or "off")
+    logger.info("folds:\n%s", fold_summary(df, folds))
+    seed_everything(cfg.seed)
+    check_backbone(cfg)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "config.json", cfg.to_dict())
+    write_folds(out_dir / "folds.csv", df, folds)
+    logger.info("run folder: %s", out_dir)
+    cache = build_image_cache(df["abs_path"], cfg.model.grid, cfg.model.img_size) if cfg.data.cache_images else None
+
+    results, logs = [], {}
+    for fold in cfg.data.train_folds:
+        seed_everything(cfg.seed + fold)
+        start = time.perf_counter()
+        trainer = FoldTrainer(cfg, fold, df[folds != fold], df[folds == fold], device, out_dir, image_cache=cache)
+        result = trainer.run(amp_dtype)
+        result["seconds"] = time.perf_counter() - start
+        results.append(result)
+        logs[fold] = pd.DataFrame(trainer.rows)
+        logger.info("fold %d: best weighted R2 %.4f at epoch %d (training-mean baseline %.4f) -> %s", fold,
+                    result["best_score"], result["best_epoch"], result["baseline_train_mean_r2"],
+                    checkpoint_name(fold))
+    summary = summarize(results, cfg)
+    write_json(out_dir / "summary.json", summary)
+    plot_learning_curves(logs, out_dir / "learning_curves.png")
+    logger.info("mean best weighted R2 over folds %s: %.4f (baseline %.4f); outputs in %s",
+                list(cfg.data.train_folds), summary["mean_best_score"], summary["mean_baseline_train_mean_r2"], out_dir)
+    return summary
+
+
+def summarize(results: list[dict], cfg: RunConfig) -> dict:
+    """summary.json: best score per fold and their mean, with the training-mean baseline beside them."""
+    return {
+        "folds": {str(r["fold"]): r for r in results},
+        "mean_best_score": float(np.mean([r["best_score"] for r in results])),
+        "mean_baseline_train_mean_r2": float(np.mean([r["baseline_train_mean_r2"] for r in results])),
+        "metric": "global weighted R2 (grams, post-processed), weights " + ", ".join(TARGETS),
+        "train_folds": list(cfg.data.train_folds),
+    }
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        run(cfg)
+    except (ConfigError, DataError, FoldError, ImageReadError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

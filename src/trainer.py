@@ -1,0 +1,208 @@
+"""Training of one fold: model, optimiser per stage, epochs, validation in grams, early stopping, best checkpoint."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .augment import StereoAugment
+from .checkpoint import checkpoint_name, save_checkpoint
+from .config import RunConfig
+from .constants import TARGET_SHORT, TARGETS
+from .dataset import BiomassDataset, make_loader, set_epoch
+from .device import autocast_context, make_grad_scaler
+from .engine import cosine_with_warmup, predict, train_one_epoch
+from .fileio import write_csv
+from .losses import BiomassLoss
+from .metrics import compute_metrics
+from .mixing import PairMixer, build_partner_index
+from .model import FiveHeadModel, create_backbone
+from .postprocess import apply_postprocess, compute_context_ratios
+from .targets import TargetTransform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    epochs: int
+    backbone_trainable: bool
+    head_lr: float
+    backbone_lr: float | None
+
+
+def plan_stages(cfg: RunConfig) -> list[Stage]:
+    """The training stages of the chosen mode (head-only, two-stage or single-stage); empty stages dropped."""
+    t = cfg.train
+    if t.mode == "head_only":
+        stages = [Stage("head_only", t.epochs, False, t.head_lr_stage1, None)]
+    elif t.mode == "two_stage":
+        stages = [Stage("stage1", t.freeze_epochs, False, t.head_lr_stage1, None),
+                  Stage("stage2", t.epochs - t.freeze_epochs, True, t.lr, t.backbone_lr)]
+    else:
+        stages = [Stage("single", t.epochs, True, t.lr, t.backbone_lr)]
+    return [s for s in stages if s.epochs > 0]
+
+
+def build_model(cfg: RunConfig, pretrained: bool | None = None) -> FiveHeadModel:
+    """The 5-head model of a configuration; `pretrained=False` skips weights (they come from a checkpoint)."""
+    m = cfg.model
+    use_pretrained = m.pretrained if pretrained is None else pretrained
+    backbone = create_backbone(m.backbone, m.img_size, pretrained=use_pretrained,
+                               weights_path=m.backbone_weights if use_pretrained else None)
+    return FiveHeadModel(backbone, dropout=m.dropout, hidden_ratio=m.hidden_ratio, use_film=m.film,
+                         attention_pool=m.attention_pool, use_aux_heads=m.use_aux_heads, grad_ckpt=m.grad_ckpt)
+
+
+def build_optimizer(model: FiveHeadModel, stage: Stage, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with a head group and, when the backbone trains, a backbone group at its own LR.
+    Biases and norm weights (1-D tensors) get no weight decay."""
+    groups = []
+    parts = [("head", list(model.head_parameters()), stage.head_lr)]
+    if stage.backbone_trainable:
+        parts.append(("backbone", list(model.backbone_parameters()), stage.backbone_lr))
+    for name, params, lr in parts:
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": name})
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": name})
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def _group_lr(optimizer, name: str) -> float:
+    lrs = [g["lr"] for g in optimizer.param_groups if g.get("name") == name]
+    return lrs[0] if lrs else 0.0
+
+
+class FoldTrainer:
+    """Everything one fold needs; `run()` trains it and returns the fold's summary."""
+
+    def __init__(self, cfg: RunConfig, fold: int, train_df: pd.DataFrame, val_df: pd.DataFrame, device,
+                 out_dir: Path, image_cache: dict | None = None):
+        self.cfg, self.fold, self.device, self.out_dir = cfg, fold, device, Path(out_dir)
+        self.train_df, self.val_df = train_df.reset_index(drop=True), val_df.reset_index(drop=True)
+        self.transform = TargetTransform.fit(self.train_df[list(TARGETS)].to_numpy(np.float64),
+                                             log_target=cfg.loss.use_log_target)
+        self.context_ratios = compute_context_ratios(self.train_df) if cfg.model.use_aux_heads else None
+        self.model = build_model(cfg).to(device)
+        self.loss_fn = self._build_loss()
+        self.train_loader, self.val_loader = self._build_loaders(image_cache)
+        self.amp_dtype = None
+        self.rows: list[dict] = []
+
+    def _build_loss(self) -> BiomassLoss:
+        lc = self.cfg.loss
+        aux = ({"state": lc.aux_state_weight, "month": lc.aux_month_weight, "species": lc.aux_species_weight}
+               if self.cfg.model.use_aux_heads else None)
+        return BiomassLoss(self.transform, target_weights=lc.target_weights, constraint_weight=lc.constraint_weight,
+                           use_focal=lc.use_focal_loss, use_dead_aware=lc.use_dead_aware_loss,
+                           huber_for_dead=lc.huber_for_dead, aux_weights=aux)
+
+    def _build_loaders(self, image_cache):
+        cfg, m, a, d = self.cfg, self.cfg.model, self.cfg.aug, self.cfg.data
+        mean, std = self.model.mean_std
+        seed = cfg.seed + 100 * self.fold
+        augment = StereoAugment(aug_prob=a.aug_prob, stereo_correct=a.stereo_correct_aug,
+                                swap_prob=a.stereo_swap_prob, seed=seed)
+        mixer = PairMixer(mixup_prob=a.mixup_prob, mixup_alpha=a.mixup_alpha, cutmix_prob=a.cutmix_prob,
+                          cutmix_alpha=a.cutmix_alpha, partners=build_partner_index(self.train_df), seed=seed + 1)
+        train_ds = BiomassDataset(self.train_df, m.grid, m.img_size, mean, std, augment=augment,
+                                  mixer=mixer if mixer.enabled else None, image_cache=image_cache)
+        val_ds = BiomassDataset(self.val_df, m.grid, m.img_size, mean, std, image_cache=image_cache)
+        pin = self.device.type == "cuda"
+        common = dict(batch_size=d.batch_size, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
+                      pin_memory=pin)
+        return (make_loader(train_ds, shuffle=True, seed=seed, **common),
+                make_loader(val_ds, shuffle=False, seed=seed, **common))
+
+    def validate(self, autocast) -> dict:
+        """Validation metrics in grams, raw and after the post-processing the options select."""
+        out = predict(self.model, self.val_loader, self.device, autocast, self.transform, grid=self.cfg.model.grid,
+                      desc=f"fold {self.fold} val")
+        raw = compute_metrics(out["true"], out["pred"])
+        p = self.cfg.post
+        context = (out["probs"], self.context_ratios) if p.apply_context_adjustment else None
+        post_pred = apply_postprocess(out["pred"], correction_threshold=p.correction_threshold,
+                                      always_correct_dead=p.always_correct_dead, context=context)
+        post = compute_metrics(out["true"], post_pred)
+        acc = {}
+        for head, probs in out["probs"].items():
+            labels = self.val_df[f"{head}_idx"].to_numpy()
+            valid = labels >= 0
+            if valid.any():
+                acc[f"val_acc_{head}"] = float((probs.argmax(1)[valid] == labels[valid]).mean())
+        return {"raw": raw, "post": post, "acc": acc}
+
+    def baseline_score(self) -> float:
+        """Primary score of predicting the training fold's mean: the bar a model must clear."""
+        mean = self.train_df[list(TARGETS)].to_numpy(np.float64).mean(0)
+        true = self.val_df[list(TARGETS)].to_numpy(np.float64)
+        return compute_metrics(true, np.tile(mean, (len(true), 1)))["weighted_r2"]
+
+    def run(self, amp_dtype) -> dict:
+        """Train all stages with early stopping; returns the fold's summary (best score, epoch, baseline)."""
+        cfg = self.cfg
+        autocast = autocast_context(self.device, amp_dtype)
+        scaler = make_grad_scaler(self.device, amp_dtype)
+        best, best_epoch, epoch = -math.inf, -1, 0
+        baseline = self.baseline_score()
+        logger.info("fold %d: %d train / %d val images; training-mean baseline R2 %.4f", self.fold,
+                    len(self.train_df), len(self.val_df), baseline)
+        for stage in plan_stages(cfg):
+            self.model.set_backbone_trainable(stage.backbone_trainable)
+            optimizer = build_optimizer(self.model, stage, cfg.train.weight_decay)
+            steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.grad_accum)
+            warmup = min(cfg.train.warmup_epochs, stage.epochs) * steps_per_epoch
+            scheduler = cosine_with_warmup(optimizer, warmup, stage.epochs * steps_per_epoch)
+            stale = 0  # patience restarts with each stage: unfreezing changes what the model can reach
+            for _ in range(stage.epochs):
+                set_epoch(self.train_loader, epoch)
+                lrs = {"lr_head": _group_lr(optimizer, "head"), "lr_backbone": _group_lr(optimizer, "backbone")}
+                tr = train_one_epoch(self.model, self.train_loader, self.loss_fn, optimizer, scheduler, self.device,
+                                     autocast, scaler, grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip,
+                                     epoch=epoch, desc=f"fold {self.fold} {stage.name} ep {epoch}")
+                val = self.validate(autocast)
+                score = val["post"]["weighted_r2"]
+                improved = score > best
+                if improved:
+                    best, best_epoch, stale = score, epoch, 0
+                    self._save(epoch, score, val)
+                else:
+                    stale += 1
+                self._log_epoch(epoch, stage, lrs, tr, val, improved)
+                epoch += 1
+                if stale >= cfg.train.patience:
+                    logger.info("fold %d: no improvement for %d epochs: stopping %s", self.fold, stale, stage.name)
+                    break
+        return {"fold": self.fold, "best_score": best, "best_epoch": best_epoch, "epochs_run": epoch,
+                "baseline_train_mean_r2": baseline, "n_train": len(self.train_df), "n_val": len(self.val_df)}
+
+    def _save(self, epoch: int, score: float, val: dict) -> None:
+        save_checkpoint(self.out_dir / checkpoint_name(self.fold), model_state=self.model.state_dict(),
+                        config=self.cfg.to_dict(), fold=self.fold, epoch=epoch, best_score=score,
+                        target_transform=self.transform.to_dict(), context_ratios=self.context_ratios,
+                        metrics={"raw": val["raw"], "post": val["post"]})
+
+    def _log_epoch(self, epoch: int, stage: Stage, lrs: dict, tr: dict, val: dict, improved: bool) -> None:
+        row = {"epoch": epoch, "stage": stage.name, **lrs}
+        row.update({f"train_{k}": v for k, v in tr.items() if k not in ("seconds", "samples_per_s", "data_time")})
+        row["val_weighted_r2_raw"] = val["raw"]["weighted_r2"]
+        row["val_weighted_r2"] = val["post"]["weighted_r2"]
+        row["val_weighted_r2_mean_per_target"] = val["post"]["weighted_r2_mean_per_target"]
+        for name, short in zip(TARGETS, TARGET_SHORT):
+            row[f"val_r2_{short}"] = val["post"]["per_target"][name]["r2"]
+        row.update(val["acc"])
+        row.update(seconds=tr["seconds"], samples_per_s=tr["samples_per_s"], best=improved)
+        self.rows.append(row)
+        write_csv(self.out_dir / f"log_fold{self.fold}.csv", pd.DataFrame(self.rows))
+        acc = " ".join(f"{k[8:]} {v:.2f}" for k, v in val["acc"].items())
+        logger.info("fold %d ep %d [%s] loss %.4f | val R2 %.4f (raw %.4f)%s | %.1f img/s%s", self.fold, epoch,
+                    stage.name, tr["total"], row["val_weighted_r2"], row["val_weighted_r2_raw"],
+                    f" | acc {acc}" if acc else "", tr["samples_per_s"], " *" if improved else "")
