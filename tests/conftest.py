@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny synthetic data set in the competition's layout and a tiny trained run."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach the network: timm / huggingface must not try the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_BACKBONE = "vit_small_patch14_reg4_dinov2.lvd142m"
+TINY_TRAIN_ARGS = [
+    "--backbone", TINY_BACKBONE, "--no-pretrained", "--img-size", "28", "--batch-size", "4",
+    "--num-workers", "0", "--device-type", "cpu",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """30 training and 4 test photos of 224x112 px, generated once per test session."""
+    from src.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    generate(out, n_train=30, n_test=4, size=(224, 112), seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """A finished 5-fold run (1 epoch, log targets, aux heads) on `tiny_data`."""
+    from src.train_5head import main
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    rc = main(["--base-path", str(tiny_data), "--output-dir", str(out), "--epochs", "1", "--use-log-target",
+               "--use-aux-heads", *TINY_TRAIN_ARGS])
+    assert rc == 0
+    return out
