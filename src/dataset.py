@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -12,6 +13,9 @@ from .constants import IGNORE_INDEX, TARGETS
 from .images import load_views, tile_view, tiles_to_tensor
 
 logger = logging.getLogger(__name__)
+
+# OpenCV's own thread pool does not survive fork() into DataLoader workers (deadlocks); torch parallelises already.
+cv2.setNumThreads(0)
 
 LABEL_COLUMNS = {"state": "state_idx", "month": "month_idx", "species": "species_idx"}
 

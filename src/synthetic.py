@@ -7,6 +7,7 @@ by `src/synthetic_render.py` so that they show the targets (green, dead and clov
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -181,7 +182,9 @@ def _run_jobs(jobs: list[tuple], workers: int, progress) -> None:
         if workers <= 1:
             results = map(_render_job, jobs)
         else:
-            pool = ProcessPoolExecutor(workers)
+            # spawn, not fork: forking a process whose OpenCV / OpenMP thread pools are already running can
+            # deadlock the child (seen under pytest after torch was imported).
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             results = pool.map(_render_job, jobs, chunksize=2)
         for _ in results:
             if bar is not None:

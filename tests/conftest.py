@@ -21,7 +21,7 @@ def tiny_data(tmp_path_factory):
     from src.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
-    generate(out, n_train=30, n_test=4, size=(224, 112), seed=0)
+    generate(out, n_train=30, n_test=4, size=(224, 112), seed=0, workers=1)
     return out
 
 
