@@ -1,0 +1,118 @@
+"""End-to-end tests of `python -m src.predict` on the tiny synthetic run: Kaggle submission and photo folders."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from src import inference
+from src.constants import TARGETS
+from src.data import load_test
+from src.predict import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_run, tmp_path_factory):
+    """The tiny run with symlinked checkpoints, so outputs land in a folder of this module's own."""
+    dest = tmp_path_factory.mktemp("predict") / "run"
+    dest.mkdir()
+    for path in tiny_run.iterdir():
+        if path.suffix == ".pth":
+            (dest / path.name).symlink_to(path)
+        elif path.name in ("config.json", "folds.csv"):
+            shutil.copy(path, dest / path.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def submission(run_dir):
+    """The default prediction of test.csv, written to RUN/submission.csv."""
+    assert main(["--model-dir", str(run_dir)]) == 0
+    return pd.read_csv(run_dir / "submission.csv")
+
+
+def test_submission_has_test_csvs_ids_in_order_from_the_fold_average(submission, run_dir, tiny_data):
+    sub = submission
+    test = pd.read_csv(tiny_data / "test.csv")
+    assert list(sub.columns) == ["sample_id", "target"]
+    assert sub["sample_id"].tolist() == test["sample_id"].tolist()
+    assert len(sub) == 5 * test["image_path"].nunique()
+    assert np.isfinite(sub["target"]).all() and (sub["target"] >= 0).all()
+
+    # the same numbers from the fold models one by one: mean in grams, then the run's Dead correction
+    run = inference.open_run(run_dir)
+    opts = inference.resolve_options(run, {})
+    device, autocast, _ = inference.runtime(opts)
+    images, rows = load_test(tiny_data)
+    per_fold = [inference.predict_grams(inference.load_fold_model(path, opts, device), images, opts, device, autocast)
+                for path in run.checkpoints.values()]
+    assert len(per_fold) == 5 and not np.allclose(per_fold[0], per_fold[1])
+    expected = inference.finish(np.mean(per_fold, axis=0), opts)
+    image_index = {p: i for i, p in enumerate(images["sample_id_prefix"])}
+    pairs = zip(rows["sample_id_prefix"], rows["target_name"], strict=True)
+    want = [expected[image_index[p], TARGETS.index(t)] for p, t in pairs]
+    np.testing.assert_allclose(sub["target"], want, rtol=1e-9)
+
+
+def test_images_folder_gives_one_row_per_photo(submission, run_dir, tiny_data, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    jpgs = sorted((tiny_data / "test").glob("*.jpg"))[:2]
+    for path in jpgs:
+        shutil.copy(path, photos / path.name)
+    Image.open(jpgs[0]).save(photos / "zz_field.PNG")
+    (photos / "notes.txt").write_text("not a photo")
+    assert main(["--model-dir", str(run_dir), "--images", str(photos), "--tta"]) == 0
+    table = pd.read_csv(run_dir / "photo_predictions.csv")
+    assert list(table.columns) == ["image", *TARGETS]
+    assert table["image"].tolist() == [jpgs[0].name, jpgs[1].name, "zz_field.PNG"]
+    assert (table[list(TARGETS)].to_numpy() >= 0).all()
+    # --tta changes the numbers; without it, a photo gets what the submission gave its image
+    assert main(["--model-dir", str(run_dir), "--images", str(photos), "--out", str(tmp_path / "plain.csv")]) == 0
+    plain = pd.read_csv(tmp_path / "plain.csv").set_index("image")
+    assert not np.allclose(plain[list(TARGETS)].to_numpy(), table[list(TARGETS)].to_numpy())
+    sub = submission.set_index("sample_id")["target"]
+    for path in jpgs:
+        want = [sub[f"{path.stem}__{t}"] for t in TARGETS]
+        np.testing.assert_allclose(plain.loc[path.name, list(TARGETS)].to_numpy(float), want, rtol=2e-2)
+
+
+def _data_dir(tmp_path, text):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test.csv").write_text(text)
+    return ["--data-dir", str(data)]
+
+
+def _photos(tmp_path, broken):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    if broken:
+        Image.new("RGB", (64, 32), (90, 120, 60)).save(photos / "a_good.jpg")
+        (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return ["--images", str(photos), "--num-workers", "1"]  # a worker: its errors must still read clearly
+
+
+@pytest.mark.parametrize("setup, words", [
+    (lambda tmp: _data_dir(tmp, "sample_id,image_path,target_name\n"), ["test.csv", "no data rows"]),
+    (lambda tmp: _data_dir(tmp, "id,path\nA,b.jpg\n"), ["test.csv", "missing column"]),
+    (lambda tmp: _photos(tmp, broken=True), ["cannot read image", "broken.jpg"]),
+    (lambda tmp: _photos(tmp, broken=False), ["holds no photos"]),
+])
+def test_bad_inputs_are_clear_errors_without_output(setup, words, run_dir, tmp_path, caplog, capsys):
+    out = tmp_path / "out.csv"
+    assert main(["--model-dir", str(run_dir), "--out", str(out), *setup(tmp_path)]) == 2
+    for word in words:
+        assert word in caplog.text
+    assert "Traceback" not in capsys.readouterr().out + caplog.text
+    assert not out.exists() and not list(tmp_path.glob(".out.csv*"))
+
+
+def test_run_without_checkpoints_is_a_clear_error(tmp_path, caplog):
+    (tmp_path / "run").mkdir()
+    assert main(["--model-dir", str(tmp_path / "run")]) == 2
+    assert "holds no checkpoints" in caplog.text
+    assert not (tmp_path / "run" / "submission.csv").exists()
