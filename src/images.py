@@ -48,7 +48,15 @@ _PIL_READ_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, Im
 class ImageReadError(ValueError):
     """A photo that cannot be used: missing, not an image, truncated or corrupt. The message names the file."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        if reason is None:
+            # Rebuilt from one message: torch's DataLoader re-raises a worker's error as exc_type(traceback text).
+            # Keep the line that names the file, so the user sees the problem rather than a worker traceback.
+            lines = [ln for ln in str(path).splitlines() if "cannot read image " in ln]
+            message = lines[-1].split("ImageReadError: ", 1)[-1].strip() if lines else str(path)
+            self.path, self.reason = None, message
+            super().__init__(message)
+            return
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot read image {self.path}: {reason}")

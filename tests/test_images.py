@@ -299,3 +299,22 @@ def test_tiles_to_tensor_rejects_bad_input():
         tiles_to_tensor(np.zeros((2, 4, 4, 3), np.float32))
     with pytest.raises(ValueError):
         tiles_to_tensor(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_image_read_error_survives_dataloader_worker(tmp_path):
+    """A worker's ImageReadError reaches the main process as ImageReadError, naming the file (not a RuntimeError)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    missing = tmp_path / "gone.jpg"
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return load_views(missing, grid=(1, 1), img_size=14)
+
+    with pytest.raises(ImageReadError) as info:
+        list(DataLoader(Broken(), num_workers=1))
+    assert str(info.value).startswith(f"cannot read image {missing}")
+    assert "Traceback" not in str(info.value)
