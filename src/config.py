@@ -31,6 +31,10 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_weight(value: float, option: str) -> None:
+    _check(math.isfinite(value) and value >= 0, f"{option} must be a finite number >= 0, got {value}")
+
+
 def _check_prob(value: float, option: str) -> None:
     _check(0.0 <= value <= 1.0 and math.isfinite(value), f"{option} must be in [0, 1], got {value}")
 
@@ -50,7 +54,8 @@ class ModelConfig:
     backbone_weights: str | None = None
 
     def __post_init__(self):
-        _check(len(self.grid) == 2 and all(int(g) >= 1 for g in self.grid), f"--grid needs two integers >= 1, got {self.grid}")
+        _check(len(self.grid) == 2 and all(int(g) >= 1 for g in self.grid),
+               f"--grid needs two integers >= 1, got {self.grid}")
         _check(self.img_size >= 14, f"--img-size must be at least 14 (one patch), got {self.img_size}")
         _check(0.0 <= self.dropout <= 0.5, f"--dropout must be in [0.0, 0.5], got {self.dropout}")
         _check(0.0 < self.hidden_ratio <= 8.0, f"--hidden-ratio must be in (0, 8], got {self.hidden_ratio}")
@@ -75,7 +80,8 @@ class DataConfig:
         _check(self.num_folds >= 2, f"--num-folds must be >= 2, got {self.num_folds}")
         _check(self.cv_strategy in CV_STRATEGIES, f"--cv-strategy must be one of {', '.join(CV_STRATEGIES)}")
         bad = [k for k in self.train_folds if not 0 <= k < self.num_folds]
-        _check(not bad, f"--train-folds {bad} out of range for --num-folds {self.num_folds} (folds are 0..{self.num_folds - 1})")
+        _check(not bad, f"--train-folds {bad} out of range for --num-folds {self.num_folds} "
+                        f"(folds are 0..{self.num_folds - 1})")
         _check(len(set(self.train_folds)) == len(self.train_folds), f"--train-folds repeats a fold: {self.train_folds}")
         _check(len(self.train_folds) >= 1, "--train-folds needs at least one fold")
 
@@ -95,8 +101,10 @@ class AugConfig:
             _check_prob(getattr(self, name), "--" + name.replace("_", "-"))
         _check(self.mixup_prob + self.cutmix_prob <= 1.0 + 1e-9,
                f"--mixup-prob + --cutmix-prob must not exceed 1, got {self.mixup_prob + self.cutmix_prob}")
-        _check(self.mixup_alpha > 0, f"--mixup-alpha must be > 0, got {self.mixup_alpha}")
-        _check(self.cutmix_alpha > 0, f"--cutmix-alpha must be > 0, got {self.cutmix_alpha}")
+        _check(self.mixup_alpha > 0 and math.isfinite(self.mixup_alpha),
+               f"--mixup-alpha must be > 0, got {self.mixup_alpha}")
+        _check(self.cutmix_alpha > 0 and math.isfinite(self.cutmix_alpha),
+               f"--cutmix-alpha must be > 0, got {self.cutmix_alpha}")
 
 
 @dataclass(frozen=True)
@@ -112,12 +120,13 @@ class LossConfig:
     use_log_target: bool = False
 
     def __post_init__(self):
-        _check(len(self.target_weights) == len(TARGETS), f"--target-weights needs {len(TARGETS)} values ({', '.join(TARGETS)})")
-        _check(all(w >= 0 for w in self.target_weights) and sum(self.target_weights) > 0,
-               f"--target-weights must be >= 0 with a positive sum, got {self.target_weights}")
-        _check(self.constraint_weight >= 0, f"--constraint-weight must be >= 0, got {self.constraint_weight}")
+        _check(len(self.target_weights) == len(TARGETS),
+               f"--target-weights needs {len(TARGETS)} values ({', '.join(TARGETS)})")
+        _check(all(math.isfinite(w) and w >= 0 for w in self.target_weights) and sum(self.target_weights) > 0,
+               f"--target-weights must be finite, >= 0 and have a positive sum, got {self.target_weights}")
+        _check_weight(self.constraint_weight, "--constraint-weight")
         for name in ("aux_state_weight", "aux_month_weight", "aux_species_weight"):
-            _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
+            _check_weight(getattr(self, name), "--" + name.replace("_", "-"))
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ class TrainConfig:
         for name in ("lr", "backbone_lr", "head_lr_stage1"):
             value = getattr(self, name)
             _check(value > 0 and math.isfinite(value), f"--{name.replace('_', '-')} must be > 0, got {value}")
-        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _check_weight(self.weight_decay, "--weight-decay")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
         _check(self.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
@@ -180,12 +189,15 @@ class RunConfig:
     seed: int = 18
 
     def __post_init__(self):
+        _check(0 <= self.seed < 2**32,
+               f"--seed must be in [0, 2**32 - 1] (numpy and scikit-learn need that), got {self.seed}")
         _check(not (self.post.apply_context_adjustment and not self.model.use_aux_heads),
-               "--apply-context-adjustment needs --use-aux-heads (it uses the heads' State/Month/Species probabilities)")
+               "--apply-context-adjustment needs --use-aux-heads "
+               "(it uses the heads' State/Month/Species probabilities)")
 
     def to_dict(self) -> dict:
-        """Plain JSON-serialisable dict (tuples become lists)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-serialisable dict (tuples become lists), the same in config.json and in checkpoints."""
+        return _plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
@@ -202,6 +214,15 @@ class RunConfig:
                 value = sub(**kwargs)
             parts[f.name] = value
         return cls(**parts)
+
+
+def _plain(value):
+    """Tuples to lists, recursively: what JSON would give back, so config.json and checkpoints agree."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

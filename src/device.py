@@ -17,7 +17,8 @@ def resolve_device(device_type: str | None) -> torch.device:
             return torch.device("cuda")
         return torch.device("mps") if mps_ok else torch.device("cpu")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device-type cuda: no CUDA device is available here (use --device-type cpu, or leave it out)")
+        raise ValueError("--device-type cuda: no CUDA device is available here "
+                         "(use --device-type cpu, or leave it out)")
     if device_type == "mps" and not mps_ok:
         raise ValueError("--device-type mps: Apple MPS is not available here (use --device-type cpu, or leave it out)")
     if device_type not in ("cuda", "mps", "cpu"):

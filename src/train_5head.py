@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import checkpoint_name
 from .config import ConfigError, RunConfig, build_parser, config_from_args
-from .constants import TARGETS
+from .constants import COMPETITION_WEIGHTS, TARGETS
 from .data import DataError, load_train
 from .dataset import build_image_cache
 from .device import resolve_amp_dtype, resolve_device
@@ -142,7 +142,8 @@ def summarize(results: list[dict], cfg: RunConfig) -> dict:
         "folds": {str(r["fold"]): r for r in results},
         "mean_best_score": float(np.mean([r["best_score"] for r in results])),
         "mean_baseline_train_mean_r2": float(np.mean([r["baseline_train_mean_r2"] for r in results])),
-        "metric": "global weighted R2 (grams, post-processed), weights " + ", ".join(TARGETS),
+        "metric": "global weighted R2 (grams, post-processed), weights "
+                  + ", ".join(f"{t} {w}" for t, w in zip(TARGETS, COMPETITION_WEIGHTS, strict=True)),
         "train_folds": list(cfg.data.train_folds),
     }
 

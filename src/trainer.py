@@ -73,7 +73,11 @@ def build_optimizer(model: FiveHeadModel, stage: Stage, weight_decay: float) -> 
         no_decay = [p for p in params if p.ndim <= 1]
         groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": name})
         groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": name})
-    return torch.optim.AdamW([g for g in groups if g["params"]])
+    groups = [g for g in groups if g["params"]]
+    # The fused kernel does the same update in one pass: on a CPU it is 2-3x faster than the default
+    # per-tensor loop, which otherwise costs as much as the forward and backward pass of a small ViT.
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]) or None
+    return torch.optim.AdamW(groups, fused=fused)
 
 
 def _group_lr(optimizer, name: str) -> float:
@@ -196,7 +200,7 @@ class FoldTrainer:
         row["val_weighted_r2_raw"] = val["raw"]["weighted_r2"]
         row["val_weighted_r2"] = val["post"]["weighted_r2"]
         row["val_weighted_r2_mean_per_target"] = val["post"]["weighted_r2_mean_per_target"]
-        for name, short in zip(TARGETS, TARGET_SHORT):
+        for name, short in zip(TARGETS, TARGET_SHORT, strict=True):
             row[f"val_r2_{short}"] = val["post"]["per_target"][name]["r2"]
         row.update(val["acc"])
         row.update(seconds=tr["seconds"], samples_per_s=tr["samples_per_s"], best=improved)
