@@ -20,6 +20,16 @@ cv2.setNumThreads(0)
 LABEL_COLUMNS = {"state": "state_idx", "month": "month_idx", "species": "species_idx"}
 
 
+def targets_and_labels(df) -> tuple[np.ndarray, dict]:
+    """Targets (N, 5) grams (zeros for a frame without them, e.g. test photos) and aux labels per head."""
+    n = len(df)
+    has_targets = all(t in df.columns for t in TARGETS)
+    targets = df[list(TARGETS)].to_numpy(np.float32) if has_targets else np.zeros((n, len(TARGETS)), np.float32)
+    labels = {head: (df[col].to_numpy(np.int64) if col in df.columns else np.full(n, IGNORE_INDEX, np.int64))
+              for head, col in LABEL_COLUMNS.items()}
+    return targets, labels
+
+
 def build_image_cache(paths, grid, img_size, desc: str = "caching images") -> dict:
     """Decode every photo once into its (left, right) uint8 views at the size the tiles need (--cache-images)."""
     cache = {}
@@ -44,13 +54,7 @@ class BiomassDataset(Dataset):
         self.grid = tuple(grid)
         self.img_size = int(img_size)
         self.mean, self.std = tuple(mean), tuple(std)
-        has_targets = all(t in df.columns for t in TARGETS)
-        n = len(df)
-        self.targets = df[list(TARGETS)].to_numpy(np.float32) if has_targets else np.zeros((n, len(TARGETS)), np.float32)
-        self.labels = {
-            head: (df[col].to_numpy(np.int64) if col in df.columns else np.full(n, IGNORE_INDEX, np.int64))
-            for head, col in LABEL_COLUMNS.items()
-        }
+        self.targets, self.labels = targets_and_labels(df)
         self.augment = augment
         self.mixer = mixer
         self.image_cache = image_cache
@@ -118,3 +122,39 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     ds.epoch = epoch
     if loader.num_workers == 0:
         ds.reseed(int(ds.base_seed) + 1000 * epoch)
+
+
+class FeatureDataset(Dataset):
+    """Rows as cached tile features instead of pixels (frozen backbone).
+
+    Each item: `left_feats`, `right_feats` (T, D) float32, `target`, aux labels and `index`, like
+    BiomassDataset. `variants` are the cached variants to draw from, one uniformly per item and epoch
+    (`["id"]` for no augmentation, a bank `aug0..augK-1` otherwise); `swap_prob` swaps the two views, which
+    needs no extra features.
+    """
+
+    def __init__(self, df, table: dict, variants, swap_prob: float = 0.0):
+        self.paths = df["abs_path"].astype(str).tolist()
+        self.targets, self.labels = targets_and_labels(df)
+        self.table, self.variants, self.swap_prob = table, list(variants), float(swap_prob)
+        self.rng = np.random.default_rng(0)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __getitem__(self, i: int) -> dict:
+        variant = self.variants[int(self.rng.integers(len(self.variants)))]
+        feats = self.table[self.paths[i]][variant]  # (2, T, D)
+        left, right = feats[0], feats[1]
+        if self.swap_prob > 0 and self.rng.random() < self.swap_prob:
+            left, right = right, left
+        item = {"left_feats": torch.from_numpy(np.ascontiguousarray(left)),
+                "right_feats": torch.from_numpy(np.ascontiguousarray(right)),
+                "target": torch.as_tensor(self.targets[i]), "index": i}
+        for head, labels in self.labels.items():
+            item[head] = int(labels[i])
+        return item

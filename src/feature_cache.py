@@ -1,0 +1,173 @@
+"""Frozen-feature cache: each photo's tile features, computed once per variant and reused from disk.
+
+A frozen backbone maps the same pixels to the same features every epoch of every fold, in evaluation and in
+prediction. The cache stores, per photo and per variant, an array `(2, T, D)` (left and right view, T tiles,
+D features) under a folder whose name is a digest of everything that changes features: the backbone name, a
+digest of its weights, `--img-size`, `--grid` and the compute dtype. Each file name adds a digest of the photo's
+bytes and the variant, so an edited photo misses the cache too.
+
+Variants:
+- `id`, `h`, `v`, `hv`: the photo as it is, mirrored left-right, top-bottom, or both (applied to both views,
+  exactly what TTA and flip augmentation do to pixels).
+- `aug{k}` (k < K): a bank of K pre-augmented draws of the run's full augmentation (geometric and photometric,
+  stereo-correct as configured), seeded by the run's seed, k and the photo digest, for runs whose
+  augmentation a flip alone cannot represent.
+A left/right swap needs no variant: it swaps the two rows of the array.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .augment import StereoAugment, hflip_views, vflip_views
+from .fileio import atomic_path
+from .images import load_views, tile_view, tiles_to_tensor
+
+logger = logging.getLogger(__name__)
+
+FLIP_VARIANTS = ("id", "h", "v", "hv")
+CACHE_FORMAT = 1
+
+
+def file_digest(path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def state_dict_digest(module: torch.nn.Module) -> str:
+    """Digest of a module's weights (names, shapes, dtypes and bytes): identical weights, identical digest."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def bank_variants(k: int) -> tuple[str, ...]:
+    return tuple(f"aug{i}" for i in range(k))
+
+
+class FeatureCache:
+    """On-disk store of `(2, T, D)` float32 tile features keyed by model, photo bytes and variant."""
+
+    def __init__(self, root, *, backbone: str, weights_digest: str, img_size: int, grid, compute_dtype: str,
+                 aug_key: str = ""):
+        key = {"format": CACHE_FORMAT, "backbone": backbone, "weights": weights_digest, "img_size": int(img_size),
+               "grid": [int(g) for g in grid], "dtype": compute_dtype, "aug": aug_key}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.key = key
+        self.dir = Path(root) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', backbone)}_{digest}"
+        self._digests: dict[str, str] = {}
+
+    def photo_digest(self, path) -> str:
+        path = str(path)
+        if path not in self._digests:
+            self._digests[path] = file_digest(path)
+        return self._digests[path]
+
+    def file(self, path, variant: str) -> Path:
+        return self.dir / f"{self.photo_digest(path)}_{variant}.npy"
+
+    def load(self, path, variant: str) -> np.ndarray | None:
+        f = self.file(path, variant)
+        if not f.exists():
+            return None
+        try:
+            return np.load(f)
+        except (ValueError, OSError, EOFError):
+            logger.warning("feature cache: unreadable entry %s, recomputing", f)
+            return None
+
+    def save(self, path, variant: str, feats: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "key.json"
+        if not meta.exists():
+            with atomic_path(meta) as tmp:
+                tmp.write_text(json.dumps(self.key, indent=2))
+        with atomic_path(self.file(path, variant)) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, feats.astype(np.float32))
+
+
+def _variant_views(views, variant: str, augment: StereoAugment | None, seed: int, digest: str):
+    """The (left, right) uint8 views of one variant of a photo."""
+    left, right = views
+    if variant in ("h", "hv"):
+        left, right = hflip_views(left, right)
+    if variant in ("v", "hv"):
+        left, right = vflip_views(left, right)
+    if variant.startswith("aug"):
+        # Reseeding per (run seed, k, photo) makes a bank entry reproducible whichever process builds it.
+        augment.reseed(int(hashlib.sha256(f"{seed}:{variant}:{digest}".encode()).hexdigest()[:8], 16))
+        left, right = augment(left, right)
+    return left, right
+
+
+def ensure_features(cache: FeatureCache, model, paths, variants, *, grid, img_size, mean, std, device, autocast,
+                    batch_size: int = 8, augment: StereoAugment | None = None, seed: int = 0,
+                    desc: str = "features") -> dict:
+    """Tile features of every photo and variant, from the cache or computed (and stored) now.
+
+    Returns {path: {variant: (2, T, D) float32 array}}. Logs how many entries were reused and computed.
+    """
+    table: dict = {}
+    todo: list[tuple[str, str]] = []
+    for path in dict.fromkeys(map(str, paths)):
+        table[path] = {}
+        for variant in variants:
+            feats = cache.load(path, variant)
+            if feats is None:
+                todo.append((path, variant))
+            else:
+                table[path][variant] = feats
+    reused = sum(len(v) for v in table.values())
+    if not todo:
+        logger.info("feature cache %s: reused all %d entries", cache.dir, reused)
+        return table
+    logger.info("feature cache %s: reusing %d entries, computing %d", cache.dir, reused, len(todo))
+    start = time.perf_counter()
+    model.eval()
+    bar = tqdm(total=len(todo), desc=desc, unit="view-pair", dynamic_ncols=True)
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        feats = _encode_chunk(model, chunk, grid=grid, img_size=img_size, mean=mean, std=std, device=device,
+                              autocast=autocast, augment=augment, seed=seed, cache=cache)
+        for (path, variant), f in zip(chunk, feats, strict=True):
+            cache.save(path, variant, f)
+            table[path][variant] = f
+        bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - start
+    logger.info("feature cache: computed %d entries in %.1fs (%.2f photos/s)", len(todo), seconds,
+                len(todo) / max(seconds, 1e-9))
+    return table
+
+
+@torch.no_grad()
+def _encode_chunk(model, chunk, *, grid, img_size, mean, std, device, autocast, augment, seed, cache) -> list:
+    """All tiles of all (photo, variant) pairs of a chunk through the backbone in one call."""
+    tensors, loaded = [], {}
+    for path, variant in chunk:
+        if path not in loaded:
+            loaded[path] = load_views(path, grid=tuple(grid), img_size=img_size)
+        left, right = _variant_views(loaded[path], variant, augment, seed, cache.photo_digest(path))
+        tensors += [tiles_to_tensor(tile_view(view, grid), mean, std) for view in (left, right)]
+    x = torch.stack(tensors).to(device)  # (2 * n, T, 3, S, S)
+    n2, t = x.shape[:2]
+    with autocast:
+        feats = model.encode(x.flatten(0, 1))  # (2 * n * T, D)
+    feats = feats.float().reshape(n2 // 2, 2, t, -1).cpu().numpy()  # (n, 2, T, D)
+    return list(feats)
