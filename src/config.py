@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .constants import TARGETS
 
@@ -84,6 +85,20 @@ class DataConfig:
                         f"(folds are 0..{self.num_folds - 1})")
         _check(len(set(self.train_folds)) == len(self.train_folds), f"--train-folds repeats a fold: {self.train_folds}")
         _check(len(self.train_folds) >= 1, "--train-folds needs at least one fold")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Frozen-feature cache: tile features of a frozen backbone, computed once and kept on disk."""
+    enabled: bool = True
+    dir: str | None = None  # None: <base-path>/.feature_cache
+    bank: int = 4
+
+    def __post_init__(self):
+        _check(0 <= self.bank <= 64, f"--feature-bank must be in [0, 64], got {self.bank}")
+
+    def resolved_dir(self, base_path: str) -> str:
+        return self.dir if self.dir else str(Path(base_path) / ".feature_cache")
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     post: PostConfig = field(default_factory=PostConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     output_dir: str | None = None
     device_type: str | None = None
     seed: int = 18
@@ -254,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient clipping norm (0 disables)")
     g.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs")
+    g.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="frozen-feature cache folder (default <base-path>/.feature_cache)")
+    g.add_argument("--no-feature-cache", action="store_true",
+                   help="always run the frozen backbone on pixels instead of reusing cached tile features")
+    g.add_argument("--feature-bank", type=int, default=4, metavar="K",
+                   help="pre-augmented variants per photo cached when augmentation is on (0: run uncached)")
 
     g = p.add_argument_group("Learning rates")
     g.add_argument("--lr", type=float, default=2e-4, help="head LR (single stage / stage 2)")
@@ -358,6 +380,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           warmup_epochs=warmup_epochs, two_stage=args.two_stage, freeze_epochs=freeze_epochs,
                           head_lr_stage1=args.head_lr_stage1, freeze_backbone=args.freeze_backbone,
                           amp_dtype=args.amp_dtype),
+        cache=CacheConfig(enabled=not args.no_feature_cache, dir=args.feature_cache, bank=args.feature_bank),
         output_dir=args.output_dir,
         device_type=args.device_type,
         seed=args.seed,

@@ -154,7 +154,7 @@ class FeatureDataset(Dataset):
             left, right = right, left
         item = {"left_feats": torch.from_numpy(np.ascontiguousarray(left)),
                 "right_feats": torch.from_numpy(np.ascontiguousarray(right)),
-                "target": torch.as_tensor(self.targets[i]), "index": i}
+                "target": torch.tensor(self.targets[i]), "index": i}
         for head, labels in self.labels.items():
             item[head] = int(labels[i])
         return item

@@ -56,11 +56,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, autoca
     bar = tqdm(loader, desc=desc, leave=False, unit="batch", dynamic_ncols=True)
     for step, batch in enumerate(bar):
         data_time += time.perf_counter() - tick
-        left, right = batch["left"].to(device, non_blocking=True), batch["right"].to(device, non_blocking=True)
         target = transform.encode(batch["target"].to(device))
         labels = _aux_labels(batch, device)
         with autocast:
-            out = model(left, right)
+            out = forward_batch(model, batch, device)
         aux_logits = {h: out[h].float() for h in AUX_HEADS if h in out} or None
         loss, terms = loss_fn(out["reg"].float(), target, aux_logits, labels if aux_logits else None)
         if not torch.isfinite(loss):
@@ -72,7 +71,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, autoca
             _optimizer_step(model, optimizer, scaler, grad_clip)
             scheduler.step()
             n_steps += 1
-        bs = left.shape[0]
+        bs = target.shape[0]
         n_seen += bs
         for k, v in terms.items():
             sums[k] += float(v) * bs
@@ -105,6 +104,19 @@ def _optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def forward_batch(model, batch: dict, device, flip: bool | None = None, grid=(2, 2)) -> dict:
+    """Model outputs for a batch of pixels (`left`, `right` tiles) or of cached features (`left_feats`,
+    `right_feats`, which skip the backbone). `flip`: None, True (horizontal) or False (vertical) for pixel TTA."""
+    if "left_feats" in batch:
+        return model.forward_features(batch["left_feats"].to(device, non_blocking=True),
+                                      batch["right_feats"].to(device, non_blocking=True))
+    left = batch["left"].to(device, non_blocking=True)
+    right = batch["right"].to(device, non_blocking=True)
+    if flip is not None:
+        left, right = flip_tiles(left, grid, flip), flip_tiles(right, grid, flip)
+    return model(left, right)
+
+
 def flip_tiles(x: torch.Tensor, grid, horizontal: bool) -> torch.Tensor:
     """Flip whole views given as row-major tiles (B, T, 3, S, S): flip each tile and mirror the tile order."""
     rows, cols = grid
@@ -126,13 +138,12 @@ def predict(model, loader, device, autocast, transform, *, grid=(2, 2), tta=Fals
     views = [None, True, False] if tta else [None]  # None: original; True: horizontal; False: vertical flip
     preds, probs, index, true = [], defaultdict(list), [], []
     for batch in tqdm(loader, desc=desc, leave=False, unit="batch", dynamic_ncols=True):
-        left, right = batch["left"].to(device), batch["right"].to(device)
+        if tta and "left" not in batch:
+            raise ValueError("flip TTA needs pixels: cached features are averaged over their flip variants instead")
         grams, head_probs = [], defaultdict(list)
         for flip in views:
-            lv = left if flip is None else flip_tiles(left, grid, flip)
-            rv = right if flip is None else flip_tiles(right, grid, flip)
             with autocast:
-                out = model(lv, rv)
+                out = forward_batch(model, batch, device, flip=flip, grid=grid)
             grams.append(transform.decode(out["reg"].float()))
             for h in AUX_HEADS:
                 if h in out:

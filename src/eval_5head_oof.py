@@ -28,7 +28,7 @@ from .constants import TARGETS
 from .data import load_train
 from .fileio import write_csv, write_json
 from .folds import FoldError, read_fold_csv
-from .inference import RunError, open_run, predict_oof, resolve_options, runtime
+from .inference import RunError, add_cache_arguments, open_run, predict_oof, resolve_options, runtime
 from .metrics import compute_metrics, format_metrics_table
 from .plots import plot_pred_vs_true
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers ({RUN_VALUE}, else 4)")
     g.add_argument("--num-folds", type=int, default=None, help="must agree with folds.csv (default: its count)")
     g.add_argument("--device", default=None, choices=("cuda", "mps", "cpu"), help="default: auto-detect")
+    add_cache_arguments(g)
     g = p.add_argument_group("Evaluation")
     g.add_argument("--tta", action="store_true", help="average original, horizontal and vertical flips (in grams)")
     g.add_argument("--derive-dead", action="store_true", help="Dead = max(0, Total - GDM) after the run's "

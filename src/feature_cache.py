@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,12 @@ def state_dict_digest(module: torch.nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def autocast_key(autocast) -> str:
+    """Name of the dtype an autocast context computes in ("float32" without autocast), for cache keys."""
+    dtype = getattr(autocast, "fast_dtype", None)
+    return str(dtype).replace("torch.", "") if dtype is not None else "float32"
 
 
 def bank_variants(k: int) -> tuple[str, ...]:
@@ -171,3 +178,62 @@ def _encode_chunk(model, chunk, *, grid, img_size, mean, std, device, autocast, 
         feats = model.encode(x.flatten(0, 1))  # (2 * n * T, D)
     feats = feats.float().reshape(n2 // 2, 2, t, -1).cpu().numpy()  # (n, 2, T, D)
     return list(feats)
+
+
+@dataclass(frozen=True)
+class FeaturePlan:
+    """Whether frozen-backbone epochs train on cached features, from which variants, and why (for the log)."""
+    use: bool
+    variants: tuple[str, ...] = ("id",)
+    aug_key: str = ""
+    message: str = ""
+
+
+def plan_feature_path(cfg) -> FeaturePlan:
+    """Decide the frozen-backbone path of a run (`RunConfig`).
+
+    Cached: `--aug-prob 0` trains on the original photos (`id`); otherwise on a bank of `--feature-bank` K
+    pre-augmented draws per photo, one chosen per epoch. Uncached (pixels every epoch): `--no-feature-cache`,
+    pixel MixUp/CutMix (a mix of two photos has no cached features), or `--feature-bank 0` with augmentation on.
+    """
+    mode, a = cfg.train.mode, cfg.aug
+    if mode == "single_stage":
+        return FeaturePlan(False, message="feature cache: not used (the backbone trains from the first epoch)")
+    scope = "stage 1" if mode == "two_stage" else "all epochs"
+    if not cfg.cache.enabled:
+        return FeaturePlan(False, message="feature cache: off (--no-feature-cache): the frozen backbone runs on "
+                                          "pixels every epoch")
+    if a.mixup_prob > 0 or a.cutmix_prob > 0:
+        return FeaturePlan(False, message="feature cache: off: MixUp/CutMix mix the pixels of two photos, which "
+                                          "cached features cannot represent; the frozen backbone runs on pixels")
+    if a.aug_prob > 0 and cfg.cache.bank == 0:
+        return FeaturePlan(False, message="feature cache: off (--feature-bank 0 with --aug-prob > 0): fresh "
+                                          "augmentation on pixels every epoch")
+    if a.aug_prob > 0:
+        key = json.dumps({"aug_prob": a.aug_prob, "stereo_correct": a.stereo_correct_aug, "seed": cfg.seed})
+        return FeaturePlan(True, bank_variants(cfg.cache.bank), key,
+                           f"feature cache: on for {scope}: a bank of {cfg.cache.bank} pre-augmented variants per "
+                           f"training photo (--aug-prob {a.aug_prob}, stereo-correct {a.stereo_correct_aug}), one "
+                           "drawn per epoch; left/right swap applied on features; validation on the original photos")
+    return FeaturePlan(True, ("id",), "", f"feature cache: on for {scope}: original photos (--aug-prob 0); "
+                                          "left/right swap applied on features")
+
+
+def predict_from_cache(model, transform, df, cache: FeatureCache, *, variants, grid, img_size, device, autocast,
+                       batch_size: int, desc: str = "predict") -> dict:
+    """engine.predict's result for the rows of `df` computed from cached features, averaging the predictions
+    (grams) and aux probabilities over `variants` (["id"], or ["id", "h", "v"] for TTA)."""
+    from .dataset import FeatureDataset, make_loader
+    from .engine import predict
+
+    mean, std = model.mean_std
+    table = ensure_features(cache, model, df["abs_path"], variants, grid=grid, img_size=img_size, mean=mean, std=std,
+                            device=device, autocast=autocast, batch_size=batch_size, desc=f"{desc} features")
+    outs = []
+    for variant in variants:
+        loader = make_loader(FeatureDataset(df, table, [variant]), batch_size=batch_size, shuffle=False,
+                             num_workers=0, prefetch_factor=1, seed=0)
+        outs.append(predict(model, loader, device, autocast, transform, grid=grid, desc=f"{desc} {variant}"))
+    first = outs[0]
+    return {"pred": np.mean([o["pred"] for o in outs], axis=0), "index": first["index"], "true": first["true"],
+            "probs": {h: np.mean([o["probs"][h] for o in outs], axis=0) for h in first["probs"]}}

@@ -35,6 +35,7 @@ from .config import DEFAULT_BACKBONE, PostConfig, RunConfig
 from .dataset import BiomassDataset, make_loader
 from .device import autocast_context, resolve_amp_dtype, resolve_device
 from .engine import predict
+from .feature_cache import FeatureCache, autocast_key, predict_from_cache, state_dict_digest
 from .postprocess import apply_postprocess
 from .targets import TargetTransform
 from .trainer import build_model
@@ -83,6 +84,7 @@ class InferenceOptions:
     post: PostConfig = field(default_factory=PostConfig)
     tta: bool = False
     derive_dead: bool = False
+    feature_cache: str | None = None  # folder of the frozen-feature cache, None: predict from pixels
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -104,6 +106,13 @@ class FoldModel:
     model: torch.nn.Module
     transform: TargetTransform
     context_ratios: dict | None
+
+
+def add_cache_arguments(group) -> None:
+    """--feature-cache / --no-feature-cache of eval and predict (used for runs whose backbone stayed frozen)."""
+    group.add_argument("--feature-cache", default=None, metavar="DIR",
+                       help="frozen-feature cache folder (default: the run's, else <data-dir>/.feature_cache)")
+    group.add_argument("--no-feature-cache", action="store_true", help="predict from pixels even for a frozen run")
 
 
 def find_checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -169,12 +178,17 @@ def resolve_options(run: Run, given: dict) -> InferenceOptions:
         logger.warning("--img-size %d differs from training (%d): position embeddings are resampled; expect "
                        "predictions to differ from the validated ones", img_size, value["img_size"])
     data_dir = given.get("data_dir") or value["base_path"]
+    feature_cache = None
+    # A backbone frozen for the whole run has the features training cached: reuse them (and cache new photos).
+    if run.config.train.mode == "head_only" and run.config.cache.enabled and not given.get("no_feature_cache"):
+        feature_cache = given.get("feature_cache") or run.config.cache.dir or str(Path(data_dir) / ".feature_cache")
     pick = {k: given[k] if given.get(k) is not None else value[k] for k in ("batch_size", "num_workers")}
     return InferenceOptions(
         data_dir=str(data_dir), backbone=value["backbone"], grid=tuple(int(g) for g in value["grid"]),
         img_size=int(img_size), img_size_trained=int(value["img_size"]), hidden_ratio=float(value["hidden_ratio"]),
         prefetch_factor=int(value["prefetch_factor"]), device=given.get("device"), amp_dtype=run.config.train.amp_dtype,
-        post=run.config.post, tta=bool(given.get("tta")), derive_dead=bool(given.get("derive_dead")), **pick)
+        post=run.config.post, tta=bool(given.get("tta")), derive_dead=bool(given.get("derive_dead")),
+        feature_cache=feature_cache, **pick)
 
 
 def runtime(opts: InferenceOptions) -> tuple[torch.device, Any, str]:
@@ -224,31 +238,23 @@ def load_fold_model(path: Path, opts: InferenceOptions, device: torch.device) ->
                      ckpt.get("context_ratios"))
 
 
-def _worker_error(exc: RuntimeError) -> str | None:
-    """The last line of an error a DataLoader worker re-raised as RuntimeError (ImageReadError takes two
-    arguments, so torch cannot rebuild it), e.g. 'src.images.ImageReadError: cannot read image X: ...'."""
-    text = str(exc)
-    if "Caught ImageReadError" not in text:
-        return None
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    return last.split(": ", 1)[1] if ": " in last else last
-
-
 def predict_grams(fm: FoldModel, df: pd.DataFrame, opts: InferenceOptions, device, autocast,
                   desc: str = "predict") -> np.ndarray:
     """(N, 5) grams of one fold model for the rows of `df` (needs only `abs_path`), with TTA as chosen and the
     run's context adjustment (with this fold's ratios); Dead correction and derive-dead are left to `finish`."""
-    mean, std = fm.model.mean_std
-    dataset = BiomassDataset(df.reset_index(drop=True), opts.grid, opts.img_size, mean, std)
-    loader = make_loader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=opts.num_workers,
-                         prefetch_factor=opts.prefetch_factor, seed=0, pin_memory=device.type == "cuda")
-    try:
+    if opts.feature_cache:
+        cache = FeatureCache(opts.feature_cache, backbone=opts.backbone, img_size=opts.img_size, grid=opts.grid,
+                             weights_digest=state_dict_digest(fm.model.backbone), compute_dtype=autocast_key(autocast))
+        out = predict_from_cache(fm.model, fm.transform, df.reset_index(drop=True), cache,
+                                 variants=["id", "h", "v"] if opts.tta else ["id"], grid=opts.grid,
+                                 img_size=opts.img_size, device=device, autocast=autocast,
+                                 batch_size=opts.batch_size, desc=desc)
+    else:
+        mean, std = fm.model.mean_std
+        dataset = BiomassDataset(df.reset_index(drop=True), opts.grid, opts.img_size, mean, std)
+        loader = make_loader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=opts.num_workers,
+                             prefetch_factor=opts.prefetch_factor, seed=0, pin_memory=device.type == "cuda")
         out = predict(fm.model, loader, device, autocast, fm.transform, grid=opts.grid, tta=opts.tta, desc=desc)
-    except RuntimeError as exc:
-        message = _worker_error(exc)
-        if message is None:
-            raise
-        raise RunError(message) from None
     if not opts.post.apply_context_adjustment:
         return out["pred"]
     return apply_postprocess(out["pred"], correction_threshold=None, always_correct_dead=False,

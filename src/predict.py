@@ -24,7 +24,7 @@ import pandas as pd
 from .constants import TARGETS
 from .data import load_test
 from .fileio import write_csv
-from .inference import RunError, open_run, predict_ensemble, resolve_options, runtime
+from .inference import RunError, add_cache_arguments, open_run, predict_ensemble, resolve_options, runtime
 
 logger = logging.getLogger("src.predict")
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--derive-dead", action="store_true", help="Dead = max(0, Total - GDM) after the run's "
                    "post-processing")
     g.add_argument("--device", default=None, choices=("cuda", "mps", "cpu"), help="default: auto-detect")
+    add_cache_arguments(g)
     g.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's value)")
     g.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: the run's value)")
     return p

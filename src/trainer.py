@@ -14,9 +14,10 @@ from .augment import StereoAugment
 from .checkpoint import checkpoint_name, save_checkpoint
 from .config import RunConfig
 from .constants import TARGET_SHORT, TARGETS
-from .dataset import BiomassDataset, make_loader, set_epoch
+from .dataset import BiomassDataset, FeatureDataset, make_loader, set_epoch
 from .device import autocast_context, make_grad_scaler
 from .engine import cosine_with_warmup, predict, train_one_epoch
+from .feature_cache import FeatureCache, autocast_key, ensure_features, plan_feature_path, state_dict_digest
 from .fileio import write_csv
 from .losses import BiomassLoss
 from .metrics import compute_metrics
@@ -98,7 +99,8 @@ class FoldTrainer:
         self.model = build_model(cfg).to(device)
         self.loss_fn = self._build_loss()
         self.train_loader, self.val_loader = self._build_loaders(image_cache)
-        self.amp_dtype = None
+        self.feature_plan = plan_feature_path(cfg)
+        self._feature_loaders = None
         self.rows: list[dict] = []
 
     def _build_loss(self) -> BiomassLoss:
@@ -126,10 +128,47 @@ class FoldTrainer:
         return (make_loader(train_ds, shuffle=True, seed=seed, **common),
                 make_loader(val_ds, shuffle=False, seed=seed, **common))
 
-    def validate(self, autocast) -> dict:
+    def loaders_for(self, stage: Stage, autocast):
+        """(train, val) loaders of a stage: cached features while the backbone is frozen (when the plan allows),
+        pixels otherwise."""
+        if stage.backbone_trainable or not self.feature_plan.use:
+            return self.train_loader, self.val_loader
+        if self._feature_loaders is None:
+            self._feature_loaders = self._build_feature_loaders(autocast)
+        return self._feature_loaders
+
+    def _build_feature_loaders(self, autocast):
+        cfg, m, plan = self.cfg, self.cfg.model, self.feature_plan
+        key = dict(backbone=m.backbone, weights_digest=state_dict_digest(self.model.backbone), img_size=m.img_size,
+                   grid=m.grid, compute_dtype=autocast_key(autocast))
+        root = cfg.cache.resolved_dir(cfg.data.base_path)
+        mean, std = self.model.mean_std
+        common = dict(grid=m.grid, img_size=m.img_size, mean=mean, std=std, device=self.device, autocast=autocast,
+                      batch_size=cfg.data.batch_size, seed=cfg.seed)
+        train_paths, val_paths = self.train_df["abs_path"], self.val_df["abs_path"]
+        originals = FeatureCache(root, **key)
+        if plan.aug_key:
+            table = ensure_features(originals, self.model, val_paths, ["id"], desc=f"fold {self.fold} val features",
+                                    **common)
+            augment = StereoAugment(aug_prob=cfg.aug.aug_prob, stereo_correct=cfg.aug.stereo_correct_aug)
+            bank = FeatureCache(root, **key, aug_key=plan.aug_key)
+            table.update(ensure_features(bank, self.model, train_paths, plan.variants, augment=augment,
+                                         desc=f"fold {self.fold} feature bank", **common))
+        else:
+            table = ensure_features(originals, self.model, list(train_paths) + list(val_paths), ["id"],
+                                    desc=f"fold {self.fold} features", **common)
+        train_ds = FeatureDataset(self.train_df, table, plan.variants, swap_prob=cfg.aug.stereo_swap_prob)
+        val_ds = FeatureDataset(self.val_df, table, ["id"])
+        seed = cfg.seed + 100 * self.fold
+        # Features are small arrays in RAM: worker processes would only add start-up time.
+        common = dict(batch_size=cfg.data.batch_size, num_workers=0, prefetch_factor=1)
+        return (make_loader(train_ds, shuffle=True, seed=seed, **common),
+                make_loader(val_ds, shuffle=False, seed=seed, **common))
+
+    def validate(self, autocast, loader=None) -> dict:
         """Validation metrics in grams, raw and after the post-processing the options select."""
-        out = predict(self.model, self.val_loader, self.device, autocast, self.transform, grid=self.cfg.model.grid,
-                      desc=f"fold {self.fold} val")
+        out = predict(self.model, loader or self.val_loader, self.device, autocast, self.transform,
+                      grid=self.cfg.model.grid, desc=f"fold {self.fold} val")
         raw = compute_metrics(out["true"], out["pred"])
         p = self.cfg.post
         context = (out["probs"], self.context_ratios) if p.apply_context_adjustment else None
@@ -159,20 +198,22 @@ class FoldTrainer:
         baseline = self.baseline_score()
         logger.info("fold %d: %d train / %d val images; training-mean baseline R2 %.4f", self.fold,
                     len(self.train_df), len(self.val_df), baseline)
+        logger.info("%s", self.feature_plan.message)
         for stage in plan_stages(cfg):
             self.model.set_backbone_trainable(stage.backbone_trainable)
+            train_loader, val_loader = self.loaders_for(stage, autocast)
             optimizer = build_optimizer(self.model, stage, cfg.train.weight_decay)
-            steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.grad_accum)
+            steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
             warmup = min(cfg.train.warmup_epochs, stage.epochs) * steps_per_epoch
             scheduler = cosine_with_warmup(optimizer, warmup, stage.epochs * steps_per_epoch)
             stale = 0  # patience restarts with each stage: unfreezing changes what the model can reach
             for _ in range(stage.epochs):
-                set_epoch(self.train_loader, epoch)
+                set_epoch(train_loader, epoch)
                 lrs = {"lr_head": _group_lr(optimizer, "head"), "lr_backbone": _group_lr(optimizer, "backbone")}
-                tr = train_one_epoch(self.model, self.train_loader, self.loss_fn, optimizer, scheduler, self.device,
+                tr = train_one_epoch(self.model, train_loader, self.loss_fn, optimizer, scheduler, self.device,
                                      autocast, scaler, grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip,
                                      epoch=epoch, desc=f"fold {self.fold} {stage.name} ep {epoch}")
-                val = self.validate(autocast)
+                val = self.validate(autocast, val_loader)
                 score = val["post"]["weighted_r2"]
                 improved = score > best
                 if improved:

@@ -162,12 +162,28 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, handler: logging.Handler, s
 
     forward = src.model.FiveHeadModel.forward
 
-    def spy_forward(self, left, right):
+    def record_forward(model, left, right, cached: bool):
         run.forwards.append({"shape": tuple(left.shape), "right_shape": tuple(right.shape),
                              "autocast": torch.is_autocast_enabled("cpu"),
-                             "dtype": torch.get_autocast_dtype("cpu"), "training": self.training,
-                             "backbone_training": self.backbone.training})
-        return forward(self, left, right)
+                             "dtype": torch.get_autocast_dtype("cpu"), "training": model.training,
+                             "backbone_training": model.backbone.training, "cached": cached})
+
+    in_forward = []
+
+    def spy_forward(self, left, right):
+        record_forward(self, left, right, cached=False)
+        in_forward.append(True)
+        try:
+            return forward(self, left, right)
+        finally:
+            in_forward.pop()
+
+    forward_features = src.model.FiveHeadModel.forward_features
+
+    def spy_forward_features(self, left_feats, right_feats):
+        if not in_forward:  # called directly: a batch of cached features skips the backbone
+            record_forward(self, left_feats, right_feats, cached=True)
+        return forward_features(self, left_feats, right_feats)
 
     clip = torch.nn.utils.clip_grad_norm_
 
@@ -193,6 +209,7 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, handler: logging.Handler, s
     mp.setattr(src.trainer, "train_one_epoch", spy_train_one_epoch)
     mp.setattr(src.trainer, "predict", spy_predict)
     mp.setattr(src.model.FiveHeadModel, "forward", spy_forward)
+    mp.setattr(src.model.FiveHeadModel, "forward_features", spy_forward_features)
     mp.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
     mp.setattr(src.dataset, "load_views", spy_load_views)
     mp.setattr(torch.utils.checkpoint, "checkpoint", spy_checkpoint)
@@ -200,8 +217,8 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, handler: logging.Handler, s
         validate = src.trainer.FoldTrainer.validate
         calls = iter(scores)
 
-        def scripted_validate(self, autocast):
-            val = validate(self, autocast)
+        def scripted_validate(self, autocast, loader=None):
+            val = validate(self, autocast, loader)
             val["post"]["weighted_r2"] = next(calls)
             return val
 
