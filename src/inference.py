@@ -238,13 +238,18 @@ def load_fold_model(path: Path, opts: InferenceOptions, device: torch.device) ->
                      ckpt.get("context_ratios"))
 
 
+def fold_feature_cache(fm: FoldModel, opts: InferenceOptions, autocast) -> FeatureCache:
+    """The frozen-feature cache that holds this fold model's features (keyed by its backbone weights)."""
+    return FeatureCache(opts.feature_cache, backbone=opts.backbone, img_size=opts.img_size, grid=opts.grid,
+                        weights_digest=state_dict_digest(fm.model.backbone), compute_dtype=autocast_key(autocast))
+
+
 def predict_grams(fm: FoldModel, df: pd.DataFrame, opts: InferenceOptions, device, autocast,
                   desc: str = "predict") -> np.ndarray:
     """(N, 5) grams of one fold model for the rows of `df` (needs only `abs_path`), with TTA as chosen and the
     run's context adjustment (with this fold's ratios); Dead correction and derive-dead are left to `finish`."""
     if opts.feature_cache:
-        cache = FeatureCache(opts.feature_cache, backbone=opts.backbone, img_size=opts.img_size, grid=opts.grid,
-                             weights_digest=state_dict_digest(fm.model.backbone), compute_dtype=autocast_key(autocast))
+        cache = fold_feature_cache(fm, opts, autocast)
         out = predict_from_cache(fm.model, fm.transform, df.reset_index(drop=True), cache,
                                  variants=["id", "h", "v"] if opts.tta else ["id"], grid=opts.grid,
                                  img_size=opts.img_size, device=device, autocast=autocast,
