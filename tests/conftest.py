@@ -4,9 +4,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 # Tests never reach the network: timm / huggingface must not try the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny test models gain nothing from intra-op threads, and on a busy 2-core machine two threads thrash.
+torch.set_num_threads(1)
 
 TINY_BACKBONE = "vit_small_patch14_reg4_dinov2.lvd142m"
 TINY_TRAIN_ARGS = [

@@ -60,15 +60,6 @@ RUN_ARGS = ["--backbone", BACKBONE, "--img-size", str(IMG), "--grid", "1", "2", 
             "--train-folds", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than a thread pool (and far faster on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
