@@ -21,9 +21,8 @@ $PY -m src.data "$DATA"
 
 $PY -m src.train_5head --base-path "$DATA" --fold-csv "$DATA/trainfold.csv" --output-dir "$RUN" \
     --backbone vit_small_patch14_dinov2.lvd142m --backbone-weights "$WEIGHTS" --img-size 224 --grid 2 2 \
-    --freeze-backbone --aug-prob 0 --stereo-swap-prob 0.5 --use-log-target --use-aux-heads \
-    --aux-state-weight 0.5 --aux-month-weight 0.5 --aux-species-weight 0.25 \
-    --epochs ${EPOCHS:-40} --patience 10 --warmup-epochs 2 --head-lr-stage1 1e-3 --batch-size 16 \
+    --freeze-backbone --aug-prob 0 --stereo-swap-prob 0.5 --use-log-target \
+    --epochs ${EPOCHS:-150} --patience 30 --warmup-epochs 2 --head-lr-stage1 1e-3 --batch-size 16 \
     --num-workers 2 --amp-dtype bfloat16 --device-type cpu "$@"
 $PY -m src.eval_5head_oof --model-dir "$RUN" --device cpu
 $PY -m src.predict --model-dir "$RUN" --device cpu
