@@ -155,7 +155,8 @@ def main(argv=None) -> int:
     try:
         cfg = config_from_args(args)
         run(cfg)
-    except (ConfigError, DataError, FoldError, ImageReadError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (ConfigError, DataError, FoldError, ImageReadError, FileNotFoundError, ValueError, RuntimeError,
+            FloatingPointError) as exc:
         logger.error("%s", exc)
         return 2
     return 0

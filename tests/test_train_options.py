@@ -959,3 +959,20 @@ def test_base_path_without_data_is_a_clear_error(tmp_path, capsys):
     assert rc == 2
     assert "nowhere" in capsys.readouterr().out
     assert not out.exists()
+
+
+def test_non_finite_loss_stops_with_a_message_naming_step_and_terms(tiny_data, tmp_path_factory, monkeypatch):
+    """A NaN loss stops the run at once: exit code 2, a message naming the epoch, step and loss terms."""
+    import src.losses
+
+    forward = src.losses.BiomassLoss.forward
+
+    def nan_loss(self, *a, **kw):
+        loss, terms = forward(self, *a, **kw)
+        return loss * float("nan"), terms
+
+    monkeypatch.setattr(src.losses.BiomassLoss, "forward", nan_loss)
+    run = train(tmp_path_factory, tiny_data, "--epochs", "1")
+    assert run.rc == 2
+    assert re.search(r"non-finite loss at epoch 0 step 0: regression=", run.log_text)
+    assert not list(run.out.glob("5head_best_fold*.pth"))
