@@ -217,6 +217,17 @@ def _to_wide(df: pd.DataFrame, values: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
+def _read_checked(base_path, name: str, columns) -> tuple[Path, pd.DataFrame, list[str]]:
+    """Read BASE/name with the checks both files share (ids, image paths); returns (path, rows, problems)."""
+    base = Path(base_path)
+    path = base / name
+    df = _read_csv(path, columns)
+    problems: list[str] = []
+    df["_prefix"] = _check_ids(df, path.name, problems)
+    df["_abs_path"] = _check_image_paths(df, base, path.name, problems)
+    return path, df, problems
+
+
 def load_train(base_path: str | os.PathLike) -> pd.DataFrame:
     """Read and validate BASE/train.csv; return one row per image, sorted by sample_id_prefix.
 
@@ -224,12 +235,7 @@ def load_train(base_path: str | os.PathLike) -> pd.DataFrame:
     TARGETS (grams), month, species_group, state_idx, month_idx, species_idx (IGNORE_INDEX where unknown),
     abs_path. Raises DataError listing every problem found (file, line or sample_id, value).
     """
-    base = Path(base_path)
-    path = base / "train.csv"
-    df = _read_csv(path, TRAIN_COLUMNS)
-    problems: list[str] = []
-    df["_prefix"] = _check_ids(df, path.name, problems)
-    df["_abs_path"] = _check_image_paths(df, base, path.name, problems)
+    path, df, problems = _read_checked(base_path, "train.csv", TRAIN_COLUMNS)
     values = _parse_values(df, path.name, problems)
     _check_per_image(df, values, path.name, problems)
     _raise_if(problems, path)
@@ -248,12 +254,7 @@ def load_test(base_path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]
     image_path, abs_path; `rows` holds the file's rows in order (sample_id, image_path, target_name) plus
     sample_id_prefix. Raises DataError listing every problem found.
     """
-    base = Path(base_path)
-    path = base / "test.csv"
-    df = _read_csv(path, TEST_COLUMNS)
-    problems: list[str] = []
-    df["_prefix"] = _check_ids(df, path.name, problems)
-    df["_abs_path"] = _check_image_paths(df, base, path.name, problems)
+    path, df, problems = _read_checked(base_path, "test.csv", TEST_COLUMNS)
     for prefix, group in df.groupby("_prefix", sort=False):
         if group["image_path"].nunique() > 1:
             problems.append(f"{path.name} image {prefix} ({_lines(group['_line'])}): image_path disagrees between "
