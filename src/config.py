@@ -319,9 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-log-target", action="store_true", help="learn log1p(grams)")
 
     g = p.add_argument_group("MixUp/CutMix (partners share Species, month and State)")
-    g.add_argument("--mixup-prob", type=float, default=0.0)
+    g.add_argument("--mixup-prob", type=float, default=0.0, help="MixUp probability per training image")
     g.add_argument("--mixup-alpha", type=float, default=0.4)
-    g.add_argument("--cutmix-prob", type=float, default=0.0)
+    g.add_argument("--cutmix-prob", type=float, default=0.0,
+                   help="CutMix probability per training image (with --mixup-prob at most 1 in total)")
     g.add_argument("--cutmix-alpha", type=float, default=1.0)
 
     g = p.add_argument_group("AMP")

@@ -91,10 +91,10 @@ def cutmix_views(a: Views, b: Views, lam: float, rng: np.random.Generator) -> tu
 class PairMixer:
     """Chooses, for training image i, at most one of MixUp or CutMix with a random partner of the same context.
 
-    Per call: MixUp with probability `mixup_prob`; otherwise CutMix with probability `cutmix_prob` (so CutMix
-    overall has (1 - mixup_prob) * cutmix_prob). Only images with a partner in `partners` (see
-    `build_partner_index`) are mixed; without partners (None or an empty list for i) nothing is mixed.
-    Randomness comes from `seed` only (see `reseed`).
+    Per call, from one draw: MixUp with probability `mixup_prob`, CutMix with probability `cutmix_prob`, no mix
+    otherwise (a sum above 1 leaves CutMix 1 - mixup_prob; train_5head refuses such a sum). Only images with a
+    partner in `partners` (see `build_partner_index`) are mixed; without partners (None or an empty list for i)
+    nothing is mixed. Randomness comes from `seed` only (see `reseed`).
     """
 
     def __init__(self, mixup_prob: float = 0.0, mixup_alpha: float = 0.4, cutmix_prob: float = 0.0,
@@ -121,9 +121,12 @@ class PairMixer:
         self._pid = os.getpid()
 
     def _choose(self) -> str:
-        if self._rng.random() < self.mixup_prob:
+        # One draw: MixUp with probability mixup_prob, CutMix with probability cutmix_prob (each as documented;
+        # the options together must not exceed 1), otherwise no mix.
+        r = self._rng.random()
+        if r < self.mixup_prob:
             return "mixup"
-        if self._rng.random() < self.cutmix_prob:
+        if r < self.mixup_prob + self.cutmix_prob:
             return "cutmix"
         return "none"
 
