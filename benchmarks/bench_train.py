@@ -105,12 +105,18 @@ def main() -> None:
         results = {}
         for mode in MODES:
             out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--mode", mode, "--data",
-                                  str(data), "--cache", str(cache)], capture_output=True, text=True, check=True)
+                                  str(data), "--cache", str(cache)], capture_output=True, text=True)
+            if out.returncode != 0:  # e.g. killed by the kernel when the mode needs more RAM than the machine has
+                reason = "killed (out of memory?)" if out.returncode < 0 else out.stderr.strip().splitlines()[-1]
+                print(f"{mode:16s} failed: {reason}")
+                continue
             results[mode] = r = json.loads(out.stdout.strip().splitlines()[-1])
             rate = r.get("samples_per_s") or r["photos_per_s"]
             unit = "photos/s" if mode == "cache_build" else "samples/s"
             print(f"{mode:16s} {rate:9.2f} {unit:9s}  epoch of {EPOCH_PHOTOS}: {EPOCH_PHOTOS / rate:8.1f} s  "
                   f"peak RSS {r['peak_rss_gb']:.2f} GB")
+        if not {"frozen_cached", "frozen_uncached", "cache_build"} <= set(results):
+            return
         speedup = results["frozen_cached"]["samples_per_s"] / results["frozen_uncached"]["samples_per_s"]
         print(f"cached frozen epoch is {speedup:.0f}x faster than an uncached one; the cache costs one pass "
               f"({EPOCH_PHOTOS / results['cache_build']['photos_per_s']:.0f} s) per variant")
