@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cli import setup_logging
 from .constants import TARGETS
 from .data import load_train
 from .fileio import write_csv, write_json
@@ -158,8 +159,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         evaluate(args)

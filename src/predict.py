@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cli import setup_logging
 from .constants import TARGETS
 from .data import load_test
 from .fileio import write_csv
@@ -97,8 +98,7 @@ def run_predict(args: argparse.Namespace) -> Path:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         run_predict(args)

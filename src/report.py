@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cli import setup_logging
 from .constants import TARGET_SHORT, TARGETS
 from .data import load_train
 from .feature_cache import ensure_features
@@ -88,8 +89,7 @@ def build_report(run_dir: Path) -> str:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
+    setup_logging()
     p = argparse.ArgumentParser(prog="python -m src.report", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", required=True, help="an evaluated run folder")
     args = p.parse_args(argv)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import cli
 from .checkpoint import checkpoint_name
 from .config import ConfigError, RunConfig, build_parser, config_from_args
 from .constants import COMPETITION_WEIGHTS, TARGETS
@@ -44,8 +45,7 @@ RUN_FILES = ("config.json", "folds.csv", "summary.json")
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout, force=True)
+    cli.setup_logging(force=True)
 
 
 def seed_everything(seed: int) -> None:
