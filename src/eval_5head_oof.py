@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cli import setup_logging
+from .cli import run_or_exit_code, setup_logging
 from .constants import TARGETS
 from .data import load_train
 from .fileio import write_csv, write_json
@@ -161,12 +161,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
-    try:
-        evaluate(args)
-    except (ValueError, OSError) as exc:  # RunError, DataError, FoldError, ImageReadError, missing files
-        logger.error("%s", exc)
-        return 2
-    return 0
+    # RunError, DataError, FoldError, ImageReadError and missing files are user errors
+    return run_or_exit_code(lambda: evaluate(args), logger)
 
 
 if __name__ == "__main__":

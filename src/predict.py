@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cli import setup_logging
+from .cli import run_or_exit_code, setup_logging
 from .constants import TARGETS
 from .data import load_test
 from .fileio import write_csv
@@ -100,12 +100,8 @@ def run_predict(args: argparse.Namespace) -> Path:
 def main(argv=None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
-    try:
-        run_predict(args)
-    except (ValueError, OSError) as exc:  # RunError, DataError, ImageReadError, missing files
-        logger.error("%s", exc)
-        return 2
-    return 0
+    # RunError, DataError, ImageReadError and missing files are user errors
+    return run_or_exit_code(lambda: run_predict(args), logger)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cli import setup_logging
+from .cli import run_or_exit_code, setup_logging
 from .constants import TARGET_SHORT, TARGETS
 from .data import load_train
 from .feature_cache import ensure_features
@@ -93,12 +93,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m src.report", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", required=True, help="an evaluated run folder")
     args = p.parse_args(argv)
-    try:
-        print(build_report(Path(args.model_dir)), flush=True)
-    except (ValueError, OSError) as exc:
-        logger.error("%s", exc)
-        return 2
-    return 0
+    return run_or_exit_code(lambda: print(build_report(Path(args.model_dir)), flush=True), logger)
 
 
 if __name__ == "__main__":
