@@ -1,8 +1,15 @@
-"""Training throughput on this machine: frozen backbone with and without the feature cache, the one-off cache
-build, and full fine-tuning; samples/s and peak memory per mode (each mode in its own process).
+"""Training throughput on this machine, float32 and bfloat16 side by side: the sustained GEMM rate, the one-off
+feature-cache build (tiles/s, achieved FLOP/s and its ratio to the GEMM rate), frozen training with and without
+the cache, and full fine-tuning; samples/s and peak memory per mode (each mode in its own process).
 
     python benchmarks/bench_train.py                       # small CPU setting: ViT-S/14, 224 px, grid 2x2
+    python benchmarks/bench_train.py --img-size 112        # the demo's setting
     python benchmarks/bench_train.py --preset reference    # reference defaults: ViT-B/14-reg4, 518 px, batch 8
+    python benchmarks/bench_train.py --dtypes float32 --modes cache_build
+
+It also prints which precision `--amp-dtype` (default float16) resolves to here, and why. Emulated bfloat16 on a
+CPU without native support is 6-12x slower: its modes time fewer photos (`--slow-photos`). To see what an AVX2-only
+CPU does on a newer one, run with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2.
 
 A few batches are timed and extrapolated to one epoch over 357 photos. Random backbone weights: speed does not
 depend on them. Photos are synthetic 2000x1000 JPEGs, so decoding costs what it costs on real data.
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -22,20 +30,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PRESETS = {
-    "small": dict(backbone="vit_small_patch14_dinov2.lvd142m", img_size=224, grid=(2, 2), batch_size=8, photos=32),
+    "small": dict(backbone="vit_small_patch14_dinov2.lvd142m", img_size=224, grid=(2, 2), batch_size=8, photos=16),
     "reference": dict(backbone="vit_base_patch14_reg4_dinov2.lvd142m", img_size=518, grid=(2, 2), batch_size=8,
                       photos=8),
 }
-MODES = ("frozen_uncached", "cache_build", "frozen_cached", "full_finetune")
+MODES = ("cache_build", "frozen_cached", "frozen_uncached", "full_finetune")
+DTYPES = ("float32", "bfloat16")
 EPOCH_PHOTOS = 357
 
 
-def run_mode(mode: str, preset: dict, data: Path, cache_dir: Path) -> dict:
-    """Time one mode in this process; returns samples/s, seconds and peak RSS."""
+def gemm_rate(dtype_name: str, n: int = 4096, seconds: float = 3.0) -> float:
+    """Sustained GFLOP/s of a large square torch.mm in `dtype_name` (warm-up call first)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 2:
+        torch.mm(a, b)
+        calls += 1
+    return 2 * n**3 * calls / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_tile(model, size: int) -> float:
+    """FLOPs of one tile through the backbone (matmuls and attention, as torch's FlopCounterMode counts them)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.encode(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def run_mode(mode: str, dtype_name: str, preset: dict, data: Path, cache_dir: Path, photos: int) -> dict:
+    """Time one mode in this process; returns rates, seconds and peak RSS."""
     import torch
 
     from src.data import load_train
     from src.dataset import BiomassDataset, FeatureDataset, make_loader
+    from src.device import autocast_context, configure_cpu_threads
     from src.engine import train_one_epoch
     from src.feature_cache import FeatureCache, autocast_key, ensure_features, state_dict_digest
     from src.losses import BiomassLoss
@@ -43,22 +77,30 @@ def run_mode(mode: str, preset: dict, data: Path, cache_dir: Path) -> dict:
     from src.targets import TargetTransform
     from src.trainer import Stage, build_optimizer
 
+    configure_cpu_threads()
     torch.manual_seed(0)
-    df = load_train(data)
+    df = load_train(data).iloc[:photos]
     model = FiveHeadModel(create_backbone(preset["backbone"], preset["img_size"], pretrained=False))
     model.set_backbone_trainable(mode == "full_finetune")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    cpu = torch.device("cpu")
+    autocast = autocast_context(cpu, None if dtype_name == "float32" else torch.bfloat16)
     mean, std = model.mean_std
     grid, size, bs = preset["grid"], preset["img_size"], preset["batch_size"]
     cache = FeatureCache(cache_dir, backbone=preset["backbone"], weights_digest=state_dict_digest(model.backbone),
                          img_size=size, grid=grid, compute_dtype=autocast_key(autocast))
-    kw = dict(grid=grid, img_size=size, mean=mean, std=std, device=torch.device("cpu"), autocast=autocast,
-              batch_size=bs)
-    start = time.perf_counter()
+    kw = dict(grid=grid, img_size=size, mean=mean, std=std, device=cpu, autocast=autocast, batch_size=bs)
+    tiles_per_photo = 2 * grid[0] * grid[1]
     if mode == "cache_build":
-        ensure_features(cache, model, df["abs_path"], ["id"], **kw)
+        gemm = gemm_rate(dtype_name)
+        flops = flops_per_tile(model, size)
+        ensure_features(cache, model, df["abs_path"].iloc[:1], ["id"], **kw)  # warm-up: one-off allocations
+        start = time.perf_counter()
+        ensure_features(cache, model, df["abs_path"].iloc[1:], ["id"], **kw)
         seconds = time.perf_counter() - start
-        return {"photos_per_s": len(df) / seconds, "seconds": seconds, "peak_rss_gb": _peak_gb()}
+        tiles_s = (len(df) - 1) * tiles_per_photo / seconds
+        return {"photos_per_s": tiles_s / tiles_per_photo, "tiles_per_s": tiles_s, "gemm_gflops": gemm,
+                "gflop_per_tile": flops / 1e9, "achieved_gflops": tiles_s * flops / 1e9,
+                "ratio": tiles_s * flops / 1e9 / gemm, "seconds": seconds, "peak_rss_gb": _peak_gb()}
     if mode == "frozen_cached":
         table = ensure_features(cache, model, df["abs_path"], ["id"], **kw)  # built by the cache_build mode
         dataset = FeatureDataset(df, table, ["id"])
@@ -71,9 +113,9 @@ def run_mode(mode: str, preset: dict, data: Path, cache_dir: Path) -> dict:
     optimizer = build_optimizer(model, stage, 0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if mode == "frozen_cached":  # one warm-up epoch: the first batches pay one-off costs
-        train_one_epoch(model, loader, BiomassLoss(transform), optimizer, scheduler, torch.device("cpu"), autocast)
-    result = train_one_epoch(model, loader, BiomassLoss(transform), optimizer, scheduler, torch.device("cpu"),
-                             autocast, log_every=0, desc=mode)
+        train_one_epoch(model, loader, BiomassLoss(transform), optimizer, scheduler, cpu, autocast, log_every=0)
+    result = train_one_epoch(model, loader, BiomassLoss(transform), optimizer, scheduler, cpu, autocast,
+                             log_every=0, desc=mode)
     return {"samples_per_s": result["samples_per_s"], "seconds": result["seconds"], "peak_rss_gb": _peak_gb()}
 
 
@@ -81,45 +123,80 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
+def machine_line() -> str:
+    """The CPU as torch uses it and what `--amp-dtype float16` (the default) resolves to here."""
+    import torch
+
+    from src.device import configure_cpu_threads, cpu_info, resolve_precision
+
+    threads = configure_cpu_threads()
+    p = resolve_precision("float16", torch.device("cpu"))
+    return (f"torch {torch.__version__}; CPU: {cpu_info().describe()}; {threads} intra-op threads\n"
+            f"default --amp-dtype float16 resolves here to: {p.name} ({p.reason})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=tuple(PRESETS), default="small")
+    p.add_argument("--img-size", type=int, default=None, help="override the preset's --img-size")
+    p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch (photos per call)")
     p.add_argument("--photos", type=int, default=None, help="photos to time (default: the preset's)")
+    p.add_argument("--slow-photos", type=int, default=4, help="photos to time for emulated bfloat16 (default 4)")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", choices=DTYPES, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
     preset = dict(PRESETS[args.preset])
-    if args.mode:  # child process: one mode
-        print(json.dumps(run_mode(args.mode, preset, Path(args.data), Path(args.cache))))
+    if args.img_size:
+        preset["img_size"] = args.img_size
+    if args.batch_size:
+        preset["batch_size"] = args.batch_size
+    if args.mode:  # child process: one mode, one dtype
+        print(json.dumps(run_mode(args.mode, args.dtype, preset, Path(args.data), Path(args.cache), args.photos)))
         return
-    n = args.photos or preset["photos"]
+    from src.device import cpu_info
+
+    print(machine_line())
+    n = max(args.photos or preset["photos"], 3)
     with tempfile.TemporaryDirectory() as tmp:
         from src.synthetic import generate
 
-        data, cache = Path(tmp) / "data", Path(tmp) / "cache"
-        generate(data, n_train=max(n, 5), n_test=0, seed=0)
+        data = Path(tmp) / "data"
+        generate(data, n_train=n, n_test=0, seed=0)
         print(f"preset {args.preset}: {preset['backbone']}, img-size {preset['img_size']}, grid "
-              f"{preset['grid'][0]}x{preset['grid'][1]}, batch {preset['batch_size']}, bfloat16 autocast, "
-              f"{max(n, 5)} photos timed, extrapolated to {EPOCH_PHOTOS}")
+              f"{preset['grid'][0]}x{preset['grid'][1]}, batch {preset['batch_size']}; rates extrapolated to "
+              f"{EPOCH_PHOTOS} photos")
         results = {}
-        for mode in MODES:
-            out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--mode", mode, "--data",
-                                  str(data), "--cache", str(cache)], capture_output=True, text=True)
-            if out.returncode != 0:  # e.g. killed by the kernel when the mode needs more RAM than the machine has
-                reason = "killed (out of memory?)" if out.returncode < 0 else out.stderr.strip().splitlines()[-1]
-                print(f"{mode:16s} failed: {reason}")
-                continue
-            results[mode] = r = json.loads(out.stdout.strip().splitlines()[-1])
-            rate = r.get("samples_per_s") or r["photos_per_s"]
-            unit = "photos/s" if mode == "cache_build" else "samples/s"
-            print(f"{mode:16s} {rate:9.2f} {unit:9s}  epoch of {EPOCH_PHOTOS}: {EPOCH_PHOTOS / rate:8.1f} s  "
-                  f"peak RSS {r['peak_rss_gb']:.2f} GB")
-        if not {"frozen_cached", "frozen_uncached", "cache_build"} <= set(results):
-            return
-        speedup = results["frozen_cached"]["samples_per_s"] / results["frozen_uncached"]["samples_per_s"]
-        print(f"cached frozen epoch is {speedup:.0f}x faster than an uncached one; the cache costs one pass "
-              f"({EPOCH_PHOTOS / results['cache_build']['photos_per_s']:.0f} s) per variant")
+        for dtype in args.dtypes:
+            emulated = dtype == "bfloat16" and not cpu_info().native_bf16
+            photos = min(n, args.slow_photos) if emulated else n
+            cache = Path(tmp) / f"cache_{dtype}"
+            print(f"--- {dtype}{' (emulated: no native bfloat16 here)' if emulated else ''}, {photos} photos timed")
+            for mode in args.modes:
+                cmd = [sys.executable, __file__, "--preset", args.preset, "--mode", mode, "--dtype", dtype,
+                       "--data", str(data), "--cache", str(cache), "--photos", str(photos),
+                       "--img-size", str(preset["img_size"]), "--batch-size", str(preset["batch_size"])]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                if out.returncode != 0:  # e.g. killed by the kernel when the mode needs more RAM than there is
+                    reason = "killed (out of memory?)" if out.returncode < 0 else out.stderr.strip().splitlines()[-1]
+                    print(f"{mode:16s} failed: {reason}")
+                    continue
+                results[(dtype, mode)] = r = json.loads(out.stdout.strip().splitlines()[-1])
+                rate = r.get("samples_per_s") or r["photos_per_s"]
+                unit = "photos/s" if mode == "cache_build" else "samples/s"
+                line = (f"{mode:16s} {rate:9.2f} {unit:9s}  epoch of {EPOCH_PHOTOS}: {EPOCH_PHOTOS / rate:8.1f} s  "
+                        f"peak RSS {r['peak_rss_gb']:.2f} GB")
+                if mode == "cache_build":
+                    line += (f"\n{'':16s} {r['tiles_per_s']:9.2f} tiles/s; {r['gflop_per_tile']:.2f} GFLOP per tile "
+                             f"-> {r['achieved_gflops']:.1f} GFLOP/s achieved; {dtype} GEMM (4096^3 torch.mm) "
+                             f"{r['gemm_gflops']:.1f} GFLOP/s; ratio {100 * r['ratio']:.0f} %")
+                print(line, flush=True)
+        both = [results.get((d, "cache_build")) for d in DTYPES]
+        if all(both):
+            print(f"cache build, bfloat16 / float32 speed: {both[1]['tiles_per_s'] / both[0]['tiles_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,14 +150,21 @@ def ensure_features(cache: FeatureCache, model, paths, variants, *, grid, img_si
     start = time.perf_counter()
     model.eval()
     bar = tqdm(total=len(todo), desc=desc, unit="view-pair", dynamic_ncols=True)
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
-        feats = _encode_chunk(model, chunk, grid=grid, img_size=img_size, mean=mean, std=std, device=device,
-                              autocast=autocast, augment=augment, seed=seed, cache=cache)
-        for (path, variant), f in zip(chunk, feats, strict=True):
-            cache.save(path, variant, f)
-            table[path][variant] = f
-        bar.update(len(chunk))
+    chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    tile_kw = dict(grid=grid, img_size=img_size, mean=mean, std=std, augment=augment, seed=seed, cache=cache)
+    # The next chunk's photos decode on a thread (PIL and OpenCV release the GIL) while the backbone encodes this
+    # one, so decoding costs no wall time next to the matrix products.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_chunk_tiles, chunks[0], **tile_kw)
+        for k, chunk in enumerate(chunks):
+            x = pending.result()
+            if k + 1 < len(chunks):
+                pending = pool.submit(_chunk_tiles, chunks[k + 1], **tile_kw)
+            feats = _encode_tiles(model, x, device=device, autocast=autocast)
+            for (path, variant), f in zip(chunk, feats, strict=True):
+                cache.save(path, variant, f)
+                table[path][variant] = f
+            bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - start
     logger.info("feature cache: computed %d entries in %.1fs (%.2f photos/s)", len(todo), seconds,
@@ -164,21 +172,24 @@ def ensure_features(cache: FeatureCache, model, paths, variants, *, grid, img_si
     return table
 
 
-@torch.no_grad()
-def _encode_chunk(model, chunk, *, grid, img_size, mean, std, device, autocast, augment, seed, cache) -> list:
-    """All tiles of all (photo, variant) pairs of a chunk through the backbone in one call."""
+def _chunk_tiles(chunk, *, grid, img_size, mean, std, augment, seed, cache) -> torch.Tensor:
+    """Normalised tiles (2 * n, T, 3, S, S) of the (photo, variant) pairs of a chunk, left and right view each."""
     tensors, loaded = [], {}
     for path, variant in chunk:
         if path not in loaded:
             loaded[path] = load_views(path, grid=tuple(grid), img_size=img_size)
         left, right = _variant_views(loaded[path], variant, augment, seed, cache.photo_digest(path))
         tensors += [tiles_to_tensor(tile_view(view, grid), mean, std) for view in (left, right)]
-    x = torch.stack(tensors).to(device)  # (2 * n, T, 3, S, S)
+    return torch.stack(tensors)
+
+
+@torch.inference_mode()
+def _encode_tiles(model, x: torch.Tensor, *, device, autocast) -> list:
+    """All tiles of a chunk through the backbone in one call: (n, 2, T, D) float32 features as a list of n."""
     n2, t = x.shape[:2]
     with autocast:
-        feats = model.encode(x.flatten(0, 1))  # (2 * n * T, D)
-    feats = feats.float().reshape(n2 // 2, 2, t, -1).cpu().numpy()  # (n, 2, T, D)
-    return list(feats)
+        feats = model.encode(x.to(device).flatten(0, 1))  # (2 * n * T, D)
+    return list(feats.float().reshape(n2 // 2, 2, t, -1).cpu().numpy())  # (n, 2, T, D)
 
 
 @dataclass(frozen=True)

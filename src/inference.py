@@ -33,7 +33,14 @@ from timm.layers import resample_abs_pos_embed
 from .checkpoint import load_checkpoint
 from .config import DEFAULT_BACKBONE, PostConfig, RunConfig
 from .dataset import BiomassDataset, make_loader
-from .device import autocast_context, resolve_amp_dtype, resolve_device
+from .device import (
+    autocast_context,
+    configure_cpu_threads,
+    cpu_info,
+    loader_workers,
+    resolve_device,
+    resolve_precision,
+)
 from .engine import predict
 from .feature_cache import FeatureCache, autocast_key, predict_from_cache, state_dict_digest
 from .postprocess import apply_postprocess
@@ -43,9 +50,10 @@ from .trainer import build_model
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^5head_best_fold(\d+)\.pth$")
-# The reference's eval defaults, used only where the run recorded no value.
+# The reference's eval defaults, used only where the run recorded no value (num_workers None: chosen for the
+# device, which is the reference's 4 on a GPU; see device.loader_workers).
 TABLE_DEFAULTS: dict[str, Any] = {"base_path": "./data", "backbone": DEFAULT_BACKBONE, "grid": (2, 2), "dropout": 0.2,
-                                  "hidden_ratio": 0.5, "img_size": 518, "batch_size": 4, "num_workers": 4,
+                                  "hidden_ratio": 0.5, "img_size": 518, "batch_size": 4, "num_workers": None,
                                   "prefetch_factor": 4}
 # Where config.json records each of them: (section, key).
 RECORDED_AT = {"base_path": ("data", "base_path"), "backbone": ("model", "backbone"), "grid": ("model", "grid"),
@@ -77,7 +85,7 @@ class InferenceOptions:
     img_size_trained: int
     hidden_ratio: float
     batch_size: int
-    num_workers: int
+    num_workers: int | None
     prefetch_factor: int
     device: str | None
     amp_dtype: str
@@ -89,7 +97,7 @@ class InferenceOptions:
     def __post_init__(self):
         if self.batch_size < 1:
             raise RunError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise RunError(f"--num-workers must be >= 0, got {self.num_workers}")
 
     def record(self) -> dict:
@@ -192,13 +200,16 @@ def resolve_options(run: Run, given: dict) -> InferenceOptions:
 
 
 def runtime(opts: InferenceOptions) -> tuple[torch.device, Any, str]:
-    """Device, autocast context (the run's --amp-dtype, as in its validation) and a name for that precision."""
+    """Device, autocast context and the name of that precision: the run's --amp-dtype as this machine resolves it
+    (the same rule as training, so a CPU without native bfloat16 evaluates in float32)."""
     try:
         device = resolve_device(opts.device)
     except ValueError as exc:  # its messages name training's --device-type
         raise RunError(str(exc).replace("--device-type", "--device")) from exc
-    dtype = resolve_amp_dtype(opts.amp_dtype, device)
-    return device, autocast_context(device, dtype), str(dtype).replace("torch.", "") if dtype else "float32"
+    if device.type == "cpu":
+        logger.info("CPU: %s; %d intra-op threads", cpu_info().describe(), configure_cpu_threads())
+    precision = resolve_precision(opts.amp_dtype, device)
+    return device, autocast_context(device, precision.dtype), precision.name
 
 
 def fit_pos_embed(state: dict, model: torch.nn.Module) -> dict:
@@ -257,7 +268,8 @@ def predict_grams(fm: FoldModel, df: pd.DataFrame, opts: InferenceOptions, devic
     else:
         mean, std = fm.model.mean_std
         dataset = BiomassDataset(df.reset_index(drop=True), opts.grid, opts.img_size, mean, std)
-        loader = make_loader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=opts.num_workers,
+        loader = make_loader(dataset, batch_size=opts.batch_size, shuffle=False,
+                             num_workers=loader_workers(opts.num_workers, device),
                              prefetch_factor=opts.prefetch_factor, seed=0, pin_memory=device.type == "cuda")
         out = predict(fm.model, loader, device, autocast, fm.transform, grid=opts.grid, tta=opts.tta, desc=desc)
     if not opts.post.apply_context_adjustment:

@@ -31,7 +31,7 @@ from .config import ConfigError, RunConfig, build_parser, config_from_args
 from .constants import COMPETITION_WEIGHTS, TARGETS
 from .data import DataError, load_train
 from .dataset import build_image_cache
-from .device import resolve_amp_dtype, resolve_device
+from .device import resolve_runtime
 from .distributed import detect
 from .fileio import write_json
 from .folds import FoldError, fold_summary, make_folds, read_fold_csv, write_folds
@@ -96,22 +96,22 @@ def run(cfg: RunConfig) -> dict:
     if dist.enabled:
         raise ConfigError(f"torchrun with {dist.world_size} processes: multi-GPU training is not supported yet; "
                           "run a single process")
-    device = resolve_device(cfg.device_type)
-    amp_dtype = resolve_amp_dtype(cfg.train.amp_dtype, device)
+    rt = resolve_runtime(cfg.device_type, cfg.train.amp_dtype, cfg.data.num_workers)
     out_dir = prepare_output_dir(cfg.output_dir)
     df = load_train(cfg.data.base_path)
     folds = assign_folds(cfg, df)
     missing = [k for k in cfg.data.train_folds if not (folds == k).any()]
     if missing:
         raise FoldError(f"--train-folds {missing}: no images in those folds")
-    logger.info("%d images, %d folds, mode %s, device %s, autocast %s", len(df), cfg.data.num_folds,
-                cfg.train.mode, device, amp_dtype or "off")
+    logger.info("%d images, %d folds, mode %s, device %s, precision %s, %d DataLoader workers", len(df),
+                cfg.data.num_folds, cfg.train.mode, rt.device, rt.precision.name, rt.num_workers)
     logger.info("folds:\n%s", fold_summary(df, folds))
     seed_everything(cfg.seed)
     check_backbone(cfg)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "config.json", cfg.to_dict())
+    record = {**cfg.to_dict(), "runtime": rt.record()}  # config.json, also inside every checkpoint
+    write_json(out_dir / "config.json", record)
     write_folds(out_dir / "folds.csv", df, folds)
     logger.info("run folder: %s", out_dir)
     cache = build_image_cache(df["abs_path"], cfg.model.grid, cfg.model.img_size) if cfg.data.cache_images else None
@@ -120,8 +120,9 @@ def run(cfg: RunConfig) -> dict:
     for fold in cfg.data.train_folds:
         seed_everything(cfg.seed + fold)
         start = time.perf_counter()
-        trainer = FoldTrainer(cfg, fold, df[folds != fold], df[folds == fold], device, out_dir, image_cache=cache)
-        result = trainer.run(amp_dtype)
+        trainer = FoldTrainer(cfg, fold, df[folds != fold], df[folds == fold], rt, out_dir, image_cache=cache,
+                              config_record=record)
+        result = trainer.run()
         result["seconds"] = time.perf_counter() - start
         results.append(result)
         logs[fold] = pd.DataFrame(trainer.rows)

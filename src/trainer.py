@@ -15,7 +15,7 @@ from .checkpoint import checkpoint_name, save_checkpoint
 from .config import RunConfig
 from .constants import TARGET_SHORT, TARGETS
 from .dataset import BiomassDataset, FeatureDataset, make_loader, set_epoch
-from .device import autocast_context, make_grad_scaler
+from .device import Runtime, make_grad_scaler
 from .engine import cosine_with_warmup, predict, train_one_epoch
 from .feature_cache import FeatureCache, autocast_key, ensure_features, plan_feature_path, state_dict_digest
 from .fileio import write_csv
@@ -89,14 +89,16 @@ def _group_lr(optimizer, name: str) -> float:
 class FoldTrainer:
     """Everything one fold needs; `run()` trains it and returns the fold's summary."""
 
-    def __init__(self, cfg: RunConfig, fold: int, train_df: pd.DataFrame, val_df: pd.DataFrame, device,
-                 out_dir: Path, image_cache: dict | None = None):
-        self.cfg, self.fold, self.device, self.out_dir = cfg, fold, device, Path(out_dir)
+    def __init__(self, cfg: RunConfig, fold: int, train_df: pd.DataFrame, val_df: pd.DataFrame, runtime: Runtime,
+                 out_dir: Path, image_cache: dict | None = None, config_record: dict | None = None):
+        self.cfg, self.fold, self.out_dir = cfg, fold, Path(out_dir)
+        self.runtime, self.device = runtime, runtime.device
+        self.config_record = config_record if config_record is not None else cfg.to_dict()
         self.train_df, self.val_df = train_df.reset_index(drop=True), val_df.reset_index(drop=True)
         self.transform = TargetTransform.fit(self.train_df[list(TARGETS)].to_numpy(np.float64),
                                              log_target=cfg.loss.use_log_target)
         self.context_ratios = compute_context_ratios(self.train_df) if cfg.model.use_aux_heads else None
-        self.model = build_model(cfg).to(device)
+        self.model = build_model(cfg).to(self.device)
         self.loss_fn = self._build_loss()
         self.train_loader, self.val_loader = self._build_loaders(image_cache)
         self.feature_plan = plan_feature_path(cfg)
@@ -123,7 +125,7 @@ class FoldTrainer:
                                   mixer=mixer if mixer.enabled else None, image_cache=image_cache)
         val_ds = BiomassDataset(self.val_df, m.grid, m.img_size, mean, std, image_cache=image_cache)
         pin = self.device.type == "cuda"
-        common = dict(batch_size=d.batch_size, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
+        common = dict(batch_size=d.batch_size, num_workers=self.runtime.num_workers, prefetch_factor=d.prefetch_factor,
                       pin_memory=pin)
         return (make_loader(train_ds, shuffle=True, seed=seed, **common),
                 make_loader(val_ds, shuffle=False, seed=seed, **common))
@@ -189,11 +191,11 @@ class FoldTrainer:
         true = self.val_df[list(TARGETS)].to_numpy(np.float64)
         return compute_metrics(true, np.tile(mean, (len(true), 1)))["weighted_r2"]
 
-    def run(self, amp_dtype) -> dict:
+    def run(self) -> dict:
         """Train all stages with early stopping; returns the fold's summary (best score, epoch, baseline)."""
         cfg = self.cfg
-        autocast = autocast_context(self.device, amp_dtype)
-        scaler = make_grad_scaler(self.device, amp_dtype)
+        autocast = self.runtime.autocast()
+        scaler = make_grad_scaler(self.device, self.runtime.precision.dtype)
         best, best_epoch, epoch = -math.inf, -1, 0
         baseline = self.baseline_score()
         logger.info("fold %d: %d train / %d val images; training-mean baseline R2 %.4f", self.fold,
@@ -231,7 +233,7 @@ class FoldTrainer:
 
     def _save(self, epoch: int, score: float, val: dict) -> None:
         save_checkpoint(self.out_dir / checkpoint_name(self.fold), model_state=self.model.state_dict(),
-                        config=self.cfg.to_dict(), fold=self.fold, epoch=epoch, best_score=score,
+                        config=self.config_record, fold=self.fold, epoch=epoch, best_score=score,
                         target_transform=self.transform.to_dict(), context_ratios=self.context_ratios,
                         metrics={"raw": val["raw"], "post": val["post"]})
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+
+from src.device import configure_cpu_threads
 
 # Tests never reach the network: timm / huggingface must not try the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Tiny test models gain nothing from intra-op threads, and on a busy 2-core machine two threads thrash.
-torch.set_num_threads(1)
+# The same intra-op threads as the entry points use (the usable cores), set before any test computes, so results
+# do not depend on which entry point ran first.
+configure_cpu_threads()
 
 TINY_BACKBONE = "vit_small_patch14_reg4_dinov2.lvd142m"
 TINY_TRAIN_ARGS = [
     "--backbone", TINY_BACKBONE, "--no-pretrained", "--img-size", "28", "--batch-size", "4",
-    "--num-workers", "0", "--device-type", "cpu",
+    "--num-workers", "0", "--device-type", "cpu", "--amp-dtype", "float32",
 ]
 
 

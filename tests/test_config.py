@@ -18,11 +18,13 @@ def resolve(*argv: str) -> RunConfig:
 
 # Every training option of the reference (5head_arguments.md, "Training Script") with its documented default,
 # as argparse stores it. `--train-folds` defaults to all folds of --num-folds (0 1 2 3 4 for the default 5).
+# `--num-workers` is stored as None (left out) and resolved for the device: the reference's 4 on a GPU, fewer on a
+# CPU (test_device.py pins both).
 REFERENCE_DEFAULTS = {
     "base_path": "./data", "output_dir": None,
     "backbone": "vit_base_patch14_reg4_dinov2.lvd142m", "grid": [2, 2], "dropout": 0.2, "hidden_ratio": 0.5,
     "no_film": False, "no_attention_pool": False, "grad_ckpt": False,
-    "epochs": 50, "batch_size": 8, "num_workers": 4, "cache_images": False, "prefetch_factor": 4, "grad_accum": 1,
+    "epochs": 50, "batch_size": 8, "num_workers": None, "cache_images": False, "prefetch_factor": 4, "grad_accum": 1,
     "grad_clip": 1.0, "patience": 10,
     "lr": 2e-4, "backbone_lr": 1e-5, "weight_decay": 0.01, "warmup_epochs": 2,
     "two_stage": False, "freeze_epochs": 5, "head_lr_stage1": 1e-3, "freeze_backbone": False,

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 import src.dataset
+import src.device
 import src.model
 import src.train_5head
 import src.trainer
@@ -30,6 +31,7 @@ from src.config import RunConfig, build_parser, config_from_args
 from src.constants import TARGETS
 from src.data import load_train
 from src.dataset import BiomassDataset
+from src.device import CpuInfo
 from src.folds import make_folds
 from src.metrics import compute_metrics
 from src.model import create_backbone
@@ -42,6 +44,10 @@ FAST_ARGS = ["--backbone", FAST_BACKBONE, "--img-size", "32", "--grid", "1", "1"
              "--epochs", "1"]
 N_TRAIN_FOLD0 = 24  # tiny_data: 30 images; fold 0 of group_month with seed 18 holds the other 6
 LOG_TIMING = ("seconds", "samples_per_s")
+# Stand-ins for the two kinds of CPU the numeric path depends on.
+CPU_AMX = CpuInfo(cores=2, capability="AVX512", native_bf16=True, bf16_reason="AMX-BF16/AVX512-BF16")
+CPU_AVX2 = CpuInfo(cores=2, capability="AVX2", native_bf16=False,
+                   bf16_reason="the CPU has neither AMX-BF16 nor AVX512-BF16")
 
 
 def digest(module: torch.nn.Module | None) -> str | None:
@@ -102,10 +108,11 @@ class Run:
 
 
 def train(tmp_path_factory, data: Path, *args: str, scores: list[float] | None = None, out: Path | None = None,
-          output_dir: bool = True) -> Run:
-    """Run main(FAST_ARGS + args) with spies; `scores` replaces the post-processed validation score per epoch."""
+          output_dir: bool = True, cpu: CpuInfo | None = None, base_args: list[str] = FAST_ARGS) -> Run:
+    """Run main(FAST_ARGS + args) with spies; `scores` replaces the post-processed validation score per epoch;
+    `cpu` stands in for the CPU the run detects (native bfloat16 or not)."""
     out = out or tmp_path_factory.mktemp("opt") / "run"
-    argv = ["--base-path", str(data), *FAST_ARGS, *args]
+    argv = ["--base-path", str(data), *base_args, *args]
     if "--backbone-weights" not in args:
         argv.append("--no-pretrained")
     if output_dir:
@@ -114,6 +121,8 @@ def train(tmp_path_factory, data: Path, *args: str, scores: list[float] | None =
     handler = _ListHandler()
     with pytest.MonkeyPatch.context() as mp:
         _install_spies(mp, run, handler, scores)
+        if cpu is not None:
+            mp.setattr(src.device, "cpu_info", lambda: cpu)
         run.rc = src.train_5head.main(argv)
     logging.getLogger().removeHandler(handler)
     run.log = handler.messages
@@ -276,8 +285,9 @@ def two_stage_run(tiny_data, tmp_path_factory) -> Run:
 
 @pytest.fixture(scope="module")
 def two_stage_clipped_run(tiny_data, tmp_path_factory) -> Run:
+    """The reference's default --amp-dtype float16 on a CPU with native bfloat16."""
     return train(tmp_path_factory, tiny_data, "--two-stage", "--epochs", "2", "--freeze-epochs", "5",
-                 "--amp-dtype", "float16")
+                 "--amp-dtype", "float16", cpu=CPU_AMX)
 
 
 @pytest.fixture(scope="module")
@@ -592,10 +602,38 @@ def test_freeze_epochs_longer_than_epochs_is_clipped(two_stage_clipped_run):
 # --------------------------------------------------------------------------------------------------------------
 # AMP
 # --------------------------------------------------------------------------------------------------------------
-def test_amp_float16_on_cpu_warns_and_uses_bfloat16(two_stage_clipped_run):
+def test_amp_float16_on_a_cpu_with_native_bfloat16_uses_bfloat16(two_stage_clipped_run):
     run = two_stage_clipped_run
-    assert re.search(r"WARNING --amp-dtype float16 on a CPU: autocast uses bfloat16", run.log_text)
+    assert "INFO precision: bfloat16 autocast (float16 matmuls are slow on CPUs; this CPU has native bfloat16: " \
+           "AMX-BF16/AVX512-BF16)" in run.log
+    assert "WARNING" not in run.log_text.replace("WARNING --freeze-epochs", "")
     assert {(f["autocast"], f["dtype"]) for f in run.forwards} == {(True, torch.bfloat16)}
+    assert run.config["train"]["amp_dtype"] == "float16"
+    assert {k: run.config["runtime"][k] for k in ("amp_dtype_requested", "amp_dtype_used", "cpu_native_bf16")} == {
+        "amp_dtype_requested": "float16", "amp_dtype_used": "bfloat16", "cpu_native_bf16": True}
+
+
+@pytest.mark.parametrize("given", [[], ["--amp-dtype", "float16"]])
+def test_amp_default_on_a_cpu_without_native_bfloat16_is_float32(tiny_data, tmp_path_factory, given):
+    at = FAST_ARGS.index("--amp-dtype")
+    run = train(tmp_path_factory, tiny_data, *given, cpu=CPU_AVX2, base_args=FAST_ARGS[:at] + FAST_ARGS[at + 2:])
+    assert run.rc == 0
+    assert {f["autocast"] for f in run.forwards} == {False}
+    assert not [m for m in run.log if m.startswith("WARNING") and ("amp" in m or "bfloat16" in m)]
+    assert any(m.startswith("INFO precision: float32 (no native bfloat16 on this CPU (the CPU has neither AMX-BF16 "
+                            "nor AVX512-BF16; capability AVX2)") for m in run.log)
+    assert run.config["train"]["amp_dtype"] == "float16"  # what was asked for ...
+    assert run.config["runtime"]["amp_dtype_used"] == "float32"  # ... and what ran
+    assert run.ckpt()["config"]["runtime"] == run.config["runtime"]
+
+
+def test_explicit_bfloat16_on_a_cpu_without_native_bfloat16_runs_with_a_warning(tiny_data, tmp_path_factory):
+    run = train(tmp_path_factory, tiny_data, "--amp-dtype", "bfloat16", cpu=CPU_AVX2)
+    assert run.rc == 0
+    assert {(f["autocast"], f["dtype"]) for f in run.forwards} == {(True, torch.bfloat16)}
+    warning = next(m for m in run.log if m.startswith("WARNING"))
+    assert "--amp-dtype bfloat16 on a CPU without native bfloat16" in warning and "slower than float32" in warning
+    assert run.config["runtime"]["amp_dtype_used"] == "bfloat16"
 
 
 def test_amp_float32_turns_autocast_off(default_run):
