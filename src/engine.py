@@ -77,7 +77,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, autoca
             sums[k] += float(v) * bs
         _count_correct(out, labels, sums)
         rate = n_seen / max(1e-9, time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}", refresh=False)  # tqdm redraws on its own clock
         if log_every and (step + 1) % log_every == 0:
             logger.info("epoch %d step %d/%d loss %.4f lr %.2e %.1f img/s data %.1fs", epoch, step + 1, n_batches,
                         loss.item(), optimizer.param_groups[0]["lr"], rate, data_time)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .postprocess import apply_postprocess, compute_context_ratios
 from .targets import TargetTransform
 
 logger = logging.getLogger(__name__)
+
+SAVE_INTERVAL_S = 60.0  # at most one best-checkpoint write per minute while a fold trains (all at its end)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class FoldTrainer:
         self.train_loader, self.val_loader = self._build_loaders(image_cache)
         self.feature_plan = plan_feature_path(cfg)
         self._feature_loaders = None
+        self._best, self._last_write = None, -math.inf  # best weights not yet written, time of the last write
         self.rows: list[dict] = []
 
     def _build_loss(self) -> BiomassLoss:
@@ -201,41 +205,55 @@ class FoldTrainer:
         logger.info("fold %d: %d train / %d val images; training-mean baseline R2 %.4f", self.fold,
                     len(self.train_df), len(self.val_df), baseline)
         logger.info("%s", self.feature_plan.message)
-        for stage in plan_stages(cfg):
-            self.model.set_backbone_trainable(stage.backbone_trainable)
-            train_loader, val_loader = self.loaders_for(stage, autocast)
-            optimizer = build_optimizer(self.model, stage, cfg.train.weight_decay)
-            steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
-            warmup = min(cfg.train.warmup_epochs, stage.epochs) * steps_per_epoch
-            scheduler = cosine_with_warmup(optimizer, warmup, stage.epochs * steps_per_epoch)
-            stale = 0  # patience restarts with each stage: unfreezing changes what the model can reach
-            for _ in range(stage.epochs):
-                set_epoch(train_loader, epoch)
-                lrs = {"lr_head": _group_lr(optimizer, "head"), "lr_backbone": _group_lr(optimizer, "backbone")}
-                tr = train_one_epoch(self.model, train_loader, self.loss_fn, optimizer, scheduler, self.device,
-                                     autocast, scaler, grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip,
-                                     epoch=epoch, desc=f"fold {self.fold} {stage.name} ep {epoch}")
-                val = self.validate(autocast, val_loader)
-                score = val["post"]["weighted_r2"]
-                improved = score > best
-                if improved:
-                    best, best_epoch, stale = score, epoch, 0
-                    self._save(epoch, score, val)
-                else:
-                    stale += 1
-                self._log_epoch(epoch, stage, lrs, tr, val, improved)
-                epoch += 1
-                if stale >= cfg.train.patience:
-                    logger.info("fold %d: no improvement for %d epochs: stopping %s", self.fold, stale, stage.name)
-                    break
+        try:
+            for stage in plan_stages(cfg):
+                self.model.set_backbone_trainable(stage.backbone_trainable)
+                train_loader, val_loader = self.loaders_for(stage, autocast)
+                optimizer = build_optimizer(self.model, stage, cfg.train.weight_decay)
+                steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+                warmup = min(cfg.train.warmup_epochs, stage.epochs) * steps_per_epoch
+                scheduler = cosine_with_warmup(optimizer, warmup, stage.epochs * steps_per_epoch)
+                stale = 0  # patience restarts with each stage: unfreezing changes what the model can reach
+                for _ in range(stage.epochs):
+                    set_epoch(train_loader, epoch)
+                    lrs = {"lr_head": _group_lr(optimizer, "head"), "lr_backbone": _group_lr(optimizer, "backbone")}
+                    tr = train_one_epoch(self.model, train_loader, self.loss_fn, optimizer, scheduler, self.device,
+                                         autocast, scaler, grad_accum=cfg.train.grad_accum,
+                                         grad_clip=cfg.train.grad_clip, epoch=epoch,
+                                         desc=f"fold {self.fold} {stage.name} ep {epoch}")
+                    val = self.validate(autocast, val_loader)
+                    score = val["post"]["weighted_r2"]
+                    improved = score > best
+                    if improved:
+                        best, best_epoch, stale = score, epoch, 0
+                        self._save(epoch, score, val)
+                    else:
+                        stale += 1
+                    self._log_epoch(epoch, stage, lrs, tr, val, improved)
+                    epoch += 1
+                    if stale >= cfg.train.patience:
+                        logger.info("fold %d: no improvement for %d epochs: stopping %s", self.fold, stale, stage.name)
+                        break
+        finally:  # the best weights so far reach the disk even when training stops with an error
+            self._flush_best()
         return {"fold": self.fold, "best_score": best, "best_epoch": best_epoch, "epochs_run": epoch,
                 "baseline_train_mean_r2": baseline, "n_train": len(self.train_df), "n_val": len(self.val_df)}
 
     def _save(self, epoch: int, score: float, val: dict) -> None:
-        save_checkpoint(self.out_dir / checkpoint_name(self.fold), model_state=self.model.state_dict(),
-                        config=self.config_record, fold=self.fold, epoch=epoch, best_score=score,
-                        target_transform=self.transform.to_dict(), context_ratios=self.context_ratios,
-                        metrics={"raw": val["raw"], "post": val["post"]})
+        """Keep the new best weights; write them at once when the last write is SAVE_INTERVAL_S old, else when the
+        fold ends (`_flush_best`). A cached epoch takes a fraction of a second and torch.save of a whole ViT far
+        longer, so writing every improvement would dominate head-only training."""
+        self._best = dict(model_state={k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
+                          epoch=epoch, best_score=score, metrics={"raw": val["raw"], "post": val["post"]})
+        if time.monotonic() - self._last_write >= SAVE_INTERVAL_S:
+            self._flush_best()
+
+    def _flush_best(self) -> None:
+        if self._best is None:
+            return
+        save_checkpoint(self.out_dir / checkpoint_name(self.fold), config=self.config_record, fold=self.fold,
+                        target_transform=self.transform.to_dict(), context_ratios=self.context_ratios, **self._best)
+        self._best, self._last_write = None, time.monotonic()
 
     def _log_epoch(self, epoch: int, stage: Stage, lrs: dict, tr: dict, val: dict, improved: bool) -> None:
         row = {"epoch": epoch, "stage": stage.name, **lrs}

@@ -100,7 +100,8 @@ def test_per_fold_scores_equal_the_checkpoints_validation(oof_dir):
 
 def _direct_grams(ckpt_path, df):
     """expm1 of the checkpoint model's output for the rows of df, computed here without src.inference (same
-    batches of 4 and the same CPU autocast as the run's validation); the run's Dead correction applied by hand."""
+    batches of 4 and the precision the run's validation used, as config.json records it); the run's Dead correction
+    applied by hand."""
     ckpt = load_checkpoint(ckpt_path)
     assert ckpt["target_transform"]["log_target"]
     model = build_model(RunConfig.from_dict(ckpt["config"]), pretrained=False)
@@ -108,7 +109,8 @@ def _direct_grams(ckpt_path, df):
     model.eval()
     ds = BiomassDataset(df.reset_index(drop=True), (2, 2), 28, *model.mean_std)
     loader = torch.utils.data.DataLoader(ds, batch_size=4)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    used = ckpt["config"]["runtime"]["amp_dtype_used"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=getattr(torch, used), enabled=used != "float32"):
         reg = torch.cat([model(b["left"], b["right"])["reg"].float() for b in loader]).numpy().astype(np.float64)
     grams = np.expm1(reg * np.asarray(ckpt["target_transform"]["scale"]))
     total = grams[:, TOTAL]

@@ -25,7 +25,7 @@ TRAIN_COLUMNS = ["sample_id", "image_path", "Sampling_Date", "State", "Species",
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("syn") / "data"
-    generate(out, n_train=N_TRAIN, n_test=N_TEST, size=SIZE, seed=0)
+    generate(out, n_train=N_TRAIN, n_test=N_TEST, size=SIZE, seed=0, workers=1)  # a pool costs more than 28 photos
     return out
 
 

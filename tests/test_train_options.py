@@ -631,7 +631,7 @@ def test_explicit_bfloat16_on_a_cpu_without_native_bfloat16_runs_with_a_warning(
     run = train(tmp_path_factory, tiny_data, "--amp-dtype", "bfloat16", cpu=CPU_AVX2)
     assert run.rc == 0
     assert {(f["autocast"], f["dtype"]) for f in run.forwards} == {(True, torch.bfloat16)}
-    warning = next(m for m in run.log if m.startswith("WARNING"))
+    warning = next(m for m in run.log if m.startswith("WARNING --amp-dtype"))
     assert "--amp-dtype bfloat16 on a CPU without native bfloat16" in warning and "slower than float32" in warning
     assert run.config["runtime"]["amp_dtype_used"] == "bfloat16"
 
