@@ -36,6 +36,9 @@ from .images import load_views, tile_view, tiles_to_tensor
 logger = logging.getLogger(__name__)
 
 FLIP_VARIANTS = ("id", "h", "v", "hv")
+# Tiles per backbone call when encoding on a CPU: ViT-S/14 at 112-224 px on 2 cores ran 8-25 % slower with 64 tiles
+# per call than with 8-16 (benchmarks/bench_train.py); a GPU takes a whole chunk at once.
+CPU_TILES_PER_CALL = 16
 CACHE_FORMAT = 1
 
 
@@ -185,11 +188,14 @@ def _chunk_tiles(chunk, *, grid, img_size, mean, std, augment, seed, cache) -> t
 
 @torch.inference_mode()
 def _encode_tiles(model, x: torch.Tensor, *, device, autocast) -> list:
-    """All tiles of a chunk through the backbone in one call: (n, 2, T, D) float32 features as a list of n."""
+    """The tiles of a chunk through the backbone: (n, 2, T, D) float32 features as a list of n. On a CPU in calls of
+    CPU_TILES_PER_CALL tiles (the GEMMs stay in cache; more tiles per call measured slower), elsewhere in one call."""
     n2, t = x.shape[:2]
+    tiles = x.flatten(0, 1)
+    step = CPU_TILES_PER_CALL if torch.device(device).type == "cpu" else len(tiles)
     with autocast:
-        feats = model.encode(x.to(device).flatten(0, 1))  # (2 * n * T, D)
-    return list(feats.float().reshape(n2 // 2, 2, t, -1).cpu().numpy())  # (n, 2, T, D)
+        feats = torch.cat([model.encode(tiles[i:i + step].to(device)).float() for i in range(0, len(tiles), step)])
+    return list(feats.reshape(n2 // 2, 2, t, -1).cpu().numpy())  # (n, 2, T, D)
 
 
 @dataclass(frozen=True)
