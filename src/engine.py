@@ -137,22 +137,28 @@ def predict(model, loader, device, autocast, transform, *, grid=(2, 2), tta=Fals
     model.eval()
     views = [None, True, False] if tta else [None]  # None: original; True: horizontal; False: vertical flip
     preds, probs, index, true = [], defaultdict(list), [], []
-    for batch in tqdm(loader, desc=desc, leave=False, unit="batch", dynamic_ncols=True):
-        if tta and "left" not in batch:
-            raise ValueError("flip TTA needs pixels: cached features are averaged over their flip variants instead")
-        grams, head_probs = [], defaultdict(list)
-        for flip in views:
-            with autocast:
-                out = forward_batch(model, batch, device, flip=flip, grid=grid)
-            grams.append(transform.decode(out["reg"].float()))
-            for h in AUX_HEADS:
-                if h in out:
-                    head_probs[h].append(out[h].float().softmax(1))
-        preds.append(torch.stack(grams).mean(0).cpu().numpy())
-        for h, p in head_probs.items():
-            probs[h].append(torch.stack(p).mean(0).cpu().numpy())
-        index.append(np.asarray(batch["index"]))
-        true.append(batch["target"].numpy())
+    batches = iter(loader)
+    try:
+        for batch in tqdm(batches, desc=desc, leave=False, unit="batch", dynamic_ncols=True):
+            if tta and "left" not in batch:
+                raise ValueError("flip TTA needs pixels: cached features are averaged over their flip variants instead")
+            grams, head_probs = [], defaultdict(list)
+            for flip in views:
+                with autocast:
+                    out = forward_batch(model, batch, device, flip=flip, grid=grid)
+                grams.append(transform.decode(out["reg"].float()))
+                for h in AUX_HEADS:
+                    if h in out:
+                        head_probs[h].append(out[h].float().softmax(1))
+            preds.append(torch.stack(grams).mean(0).cpu().numpy())
+            for h, p in head_probs.items():
+                probs[h].append(torch.stack(p).mean(0).cpu().numpy())
+            index.append(np.asarray(batch["index"]))
+            true.append(batch["target"].numpy())
+    finally:  # a worker that failed (e.g. an unreadable photo) is shut down now, not whenever the GC finds it
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
     return {
         "pred": np.concatenate(preds).astype(np.float64),
         "probs": {h: np.concatenate(p) for h, p in probs.items()},

@@ -188,14 +188,21 @@ def _chunk_tiles(chunk, *, grid, img_size, mean, std, augment, seed, cache) -> t
 
 @torch.inference_mode()
 def _encode_tiles(model, x: torch.Tensor, *, device, autocast) -> list:
-    """The tiles of a chunk through the backbone: (n, 2, T, D) float32 features as a list of n. On a CPU in calls of
-    CPU_TILES_PER_CALL tiles (the GEMMs stay in cache; more tiles per call measured slower), elsewhere in one call."""
+    """The tiles of a chunk through the backbone: (n, 2, T, D) float32 features as a list of n.
+
+    On a CPU in calls of whole view pairs, about CPU_TILES_PER_CALL tiles each (more per call measured slower), the
+    last call padded to the same size: every call has the same shape, so a photo's features do not depend on what
+    else was encoded with it (GEMM kernels may round differently for other batch sizes). Elsewhere in one call."""
     n2, t = x.shape[:2]
+    per_call = max(1, CPU_TILES_PER_CALL // (2 * t)) * 2 * t if torch.device(device).type == "cpu" else n2 * t
     tiles = x.flatten(0, 1)
-    step = CPU_TILES_PER_CALL if torch.device(device).type == "cpu" else len(tiles)
+    pad = -len(tiles) % per_call
+    if pad:
+        tiles = torch.cat([tiles, tiles.new_zeros((pad, *tiles.shape[1:]))])
     with autocast:
-        feats = torch.cat([model.encode(tiles[i:i + step].to(device)).float() for i in range(0, len(tiles), step)])
-    return list(feats.reshape(n2 // 2, 2, t, -1).cpu().numpy())  # (n, 2, T, D)
+        feats = torch.cat([model.encode(tiles[i:i + per_call].to(device)).float()
+                           for i in range(0, len(tiles), per_call)])
+    return list(feats[:n2 * t].reshape(n2 // 2, 2, t, -1).cpu().numpy())  # (n, 2, T, D)
 
 
 @dataclass(frozen=True)
