@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, help="batch size per device")
     g.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers (default: 4 on a GPU as in the reference; on a CPU one per 4 usable "
-                        "cores, 0 on 2 cores, where decoding in workers only takes cores from the model)")
+                        "cores, at least 1: more would take cores from the model)")
     g.add_argument("--cache-images", action="store_true", help="keep decoded views in RAM")
     g.add_argument("--prefetch-factor", type=int, default=4, help="DataLoader prefetch factor (workers > 0)")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
