@@ -201,11 +201,6 @@ def _cpu_precision(amp_dtype: str, cpu: CpuInfo) -> Precision:
                                       f"{cpu.capability}): float32 is 6-12x faster here than emulated bfloat16")
 
 
-def resolve_amp_dtype(amp_dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype actually used on `device` (None: no autocast)."""
-    return resolve_precision(amp_dtype, device).dtype
-
-
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """One autocast context for the run, or a no-op when dtype is None."""
     if dtype is None:

@@ -33,14 +33,7 @@ from timm.layers import resample_abs_pos_embed
 from .checkpoint import load_checkpoint
 from .config import DEFAULT_BACKBONE, PostConfig, RunConfig
 from .dataset import BiomassDataset, make_loader
-from .device import (
-    autocast_context,
-    configure_cpu_threads,
-    cpu_info,
-    loader_workers,
-    resolve_device,
-    resolve_precision,
-)
+from .device import loader_workers, resolve_runtime
 from .engine import predict
 from .feature_cache import FeatureCache, autocast_key, predict_from_cache, state_dict_digest
 from .postprocess import apply_postprocess
@@ -203,13 +196,10 @@ def runtime(opts: InferenceOptions) -> tuple[torch.device, Any, str]:
     """Device, autocast context and the name of that precision: the run's --amp-dtype as this machine resolves it
     (the same rule as training, so a CPU without native bfloat16 evaluates in float32)."""
     try:
-        device = resolve_device(opts.device)
+        rt = resolve_runtime(opts.device, opts.amp_dtype, opts.num_workers)
     except ValueError as exc:  # its messages name training's --device-type
         raise RunError(str(exc).replace("--device-type", "--device")) from exc
-    if device.type == "cpu":
-        logger.info("CPU: %s; %d intra-op threads", cpu_info().describe(), configure_cpu_threads())
-    precision = resolve_precision(opts.amp_dtype, device)
-    return device, autocast_context(device, precision.dtype), precision.name
+    return rt.device, rt.autocast(), rt.precision.name
 
 
 def fit_pos_embed(state: dict, model: torch.nn.Module) -> dict:
