@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from src.images import decode_photo, decode_scale, load_views, needed_size, tile_view  # noqa: E402
+from biomass5head.data.images import decode_photo, decode_scale, load_views, needed_size, tile_view  # noqa: E402
 
 
 def photo_like(width: int, height: int, rng: np.random.Generator) -> np.ndarray:

@@ -76,15 +76,15 @@ def run_mode(mode: str, dtype_name: str, preset: dict, data: Path, cache_dir: Pa
     """Time one mode in this process; returns rates, seconds and peak RSS."""
     import torch
 
-    from src.data import load_train
-    from src.dataset import BiomassDataset, FeatureDataset, make_loader
-    from src.device import autocast_context, configure_cpu_threads
-    from src.engine import train_one_epoch
-    from src.feature_cache import FeatureCache, autocast_key, ensure_features, state_dict_digest
-    from src.losses import BiomassLoss
-    from src.model import FiveHeadModel, create_backbone
-    from src.targets import TargetTransform
-    from src.trainer import Stage, build_optimizer
+    from biomass5head.data.datasets import BiomassDataset, FeatureDataset, make_loader
+    from biomass5head.data.feature_cache import FeatureCache, autocast_key, ensure_features, state_dict_digest
+    from biomass5head.data.tables import load_train
+    from biomass5head.device import autocast_context, configure_cpu_threads
+    from biomass5head.model.five_head import FiveHeadModel, create_backbone
+    from biomass5head.model.targets import TargetTransform
+    from biomass5head.train.engine import train_one_epoch
+    from biomass5head.train.losses import BiomassLoss
+    from biomass5head.train.trainer import Stage, build_optimizer
 
     configure_cpu_threads()
     torch.manual_seed(0)
@@ -136,7 +136,7 @@ def machine_line() -> str:
     """The CPU as torch uses it and what `--amp-dtype float16` (the default) resolves to here."""
     import torch
 
-    from src.device import configure_cpu_threads, cpu_info, resolve_precision
+    from biomass5head.device import configure_cpu_threads, cpu_info, resolve_precision
 
     threads = configure_cpu_threads()
     p = resolve_precision("float16", torch.device("cpu"))
@@ -166,12 +166,12 @@ def main() -> None:
     if args.mode:  # child process: one mode, one dtype
         print(json.dumps(run_mode(args.mode, args.dtype, preset, Path(args.data), Path(args.cache), args.photos)))
         return
-    from src.device import cpu_info
+    from biomass5head.device import cpu_info
 
     print(machine_line())
     n = max(args.photos or preset["photos"], 3)
     with tempfile.TemporaryDirectory() as tmp:
-        from src.synthetic import generate
+        from biomass5head.synthetic.generate import generate
 
         data = Path(tmp) / "data"
         generate(data, n_train=n, n_test=0, seed=0)

@@ -30,7 +30,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from src.constants import STATES, species_group  # noqa: E402
+from biomass5head.constants import STATES, species_group  # noqa: E402
 
 COMPONENTS = ("Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g")
 PRIOR_WEIGHT = 2.0  # pseudo-images pulling a (State, group) zero rate towards the State's rate

@@ -1,5 +1,2 @@
-"""5-head DINOv2 pasture biomass toolkit (CSIRO Image2Biomass)."""
-import os
-
-# albumentations asks PyPI for a newer version at import time; this toolkit must run offline.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+"""The specification's `python -m src.<command>` entry points, kept as shims: the code is the `biomass5head`
+package (installed), and these files are not installed."""

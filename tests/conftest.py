@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from src.device import configure_cpu_threads
+from biomass5head.device import configure_cpu_threads
 
 # Tests never reach the network: timm / huggingface must not try the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,7 +23,7 @@ TINY_TRAIN_ARGS = [
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """30 training and 4 test photos of 224x112 px, generated once per test session."""
-    from src.synthetic import generate
+    from biomass5head.synthetic.generate import generate
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
     generate(out, n_train=30, n_test=4, size=(224, 112), seed=0, workers=1)
@@ -33,7 +33,7 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory):
     """A finished 5-fold run (1 epoch, log targets, aux heads) on `tiny_data`."""
-    from src.train_5head import main
+    from biomass5head.cli.train import main
 
     out = tmp_path_factory.mktemp("runs") / "run"
     rc = main(["--base-path", str(tiny_data), "--output-dir", str(out), "--epochs", "1", "--use-log-target",

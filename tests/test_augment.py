@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from src.augment import PHOTO_WEIGHTS, StereoAugment, hflip_views, vflip_views
+from biomass5head.data.augment import PHOTO_WEIGHTS, StereoAugment, hflip_views, vflip_views
 
 
 def flat_view(shape=(32, 32), value=100, marker=True) -> np.ndarray:

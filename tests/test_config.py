@@ -7,9 +7,10 @@ import logging
 
 import pytest
 
-from src.config import ConfigError, RunConfig, build_parser, config_from_args
-from src.constants import TARGETS
-from src.trainer import plan_stages
+from biomass5head.cli.train import build_parser, config_from_args
+from biomass5head.config import ConfigError, RunConfig
+from biomass5head.constants import TARGETS
+from biomass5head.train.trainer import plan_stages
 
 
 def resolve(*argv: str) -> RunConfig:
@@ -215,7 +216,7 @@ def test_bad_values_are_refused_naming_the_option(argv, option):
     (["--apply-context-adjustment"], "--apply-context-adjustment"),
 ])
 def test_main_refuses_bad_values_with_exit_code_2(tmp_path, capsys, argv, option):
-    from src.train_5head import main
+    from biomass5head.cli.train import main
 
     out = tmp_path / "run"
     assert main(["--base-path", str(tmp_path / "no_data"), "--output-dir", str(out), *argv]) == 2

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from src.constants import IGNORE_INDEX, MONTHS, SPECIES_GROUPS, STATES, TARGETS
-from src.data import TEST_COLUMNS, TRAIN_COLUMNS, DataError, load_test, load_train, main
+from biomass5head.cli.check import main
+from biomass5head.constants import IGNORE_INDEX, MONTHS, SPECIES_GROUPS, STATES, TARGETS
+from biomass5head.data.tables import TEST_COLUMNS, TRAIN_COLUMNS, DataError, load_test, load_train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Metadata of three tiny images; targets are (Green, Dead, Clover, GDM, Total) in TARGETS order.
@@ -106,7 +107,7 @@ def test_targets_in_any_row_order(tmp_path):
 def test_species_groups_state_and_month_indices(tmp_path, caplog):
     images = [dict(IMAGES[0]), dict(IMAGES[1]), dict(IMAGES[2], species="Dandelion")]
     make_train(tmp_path, images=images)
-    with caplog.at_level(logging.WARNING, logger="src.data"):
+    with caplog.at_level(logging.WARNING, logger="biomass5head.data.tables"):
         df = load_train(tmp_path).set_index("sample_id_prefix")
     assert df.loc["ID003", "species_group"] == "Clover"  # WhiteClover
     assert df.loc["ID001", "species_group"] == "Phalaris_Clover"  # Phalaris_Ryegrass_Clover
@@ -122,7 +123,7 @@ def test_species_groups_state_and_month_indices(tmp_path, caplog):
 
 def test_mixed_species_is_other_without_warning(tmp_path, caplog):
     make_train(tmp_path, images=[dict(IMAGES[0], species="Mixed")])
-    with caplog.at_level(logging.WARNING, logger="src.data"):
+    with caplog.at_level(logging.WARNING, logger="biomass5head.data.tables"):
         df = load_train(tmp_path)
     assert df["species_group"].tolist() == ["Other"]
     assert not caplog.records
@@ -130,7 +131,7 @@ def test_mixed_species_is_other_without_warning(tmp_path, caplog):
 
 def test_unknown_state_is_ignored_with_warning(tmp_path, caplog):
     make_train(tmp_path, images=[dict(IMAGES[0], state="Qld"), IMAGES[1]])
-    with caplog.at_level(logging.WARNING, logger="src.data"):
+    with caplog.at_level(logging.WARNING, logger="biomass5head.data.tables"):
         df = load_train(tmp_path).set_index("sample_id_prefix")
     assert df.loc["ID003", "state_idx"] == IGNORE_INDEX and df.loc["ID003", "State"] == "Qld"
     assert df.loc["ID001", "state_idx"] == STATES.index("NSW")
@@ -139,7 +140,7 @@ def test_unknown_state_is_ignored_with_warning(tmp_path, caplog):
 
 def test_month_outside_competition_is_ignored_with_warning(tmp_path, caplog):
     make_train(tmp_path, images=[dict(IMAGES[0], date="2015/3/12"), dict(IMAGES[1], date="2015/12/1"), IMAGES[2]])
-    with caplog.at_level(logging.WARNING, logger="src.data"):
+    with caplog.at_level(logging.WARNING, logger="biomass5head.data.tables"):
         df = load_train(tmp_path).set_index("sample_id_prefix")
     assert df.loc["ID003", "month"] == 3 and df.loc["ID003", "month_idx"] == IGNORE_INDEX
     assert df.loc["ID001", "month"] == 12 and df.loc["ID001", "month_idx"] == IGNORE_INDEX

@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-import src.device as device
-from src.device import CpuInfo, Runtime, loader_workers, resolve_precision
+import biomass5head.device as device
+from biomass5head.device import CpuInfo, Runtime, loader_workers, resolve_precision
 
 CPU = torch.device("cpu")
 AMX = CpuInfo(cores=2, capability="AVX512", native_bf16=True, bf16_reason="AMX-BF16/AVX512-BF16")
@@ -78,7 +78,7 @@ def test_cpu_info_reports_this_machine_consistently():
     ("float32", AVX2, None, False),
 ])
 def test_cpu_precision(caplog, amp, cpu, expected, warns):
-    with caplog.at_level(logging.INFO, logger="src.device"):
+    with caplog.at_level(logging.INFO, logger="biomass5head.device"):
         p = resolve_precision(amp, CPU, cpu)
     assert p.dtype == expected and p.requested == amp
     assert p.name == (str(expected).replace("torch.", "") if expected else "float32")
@@ -105,7 +105,8 @@ def test_cuda_keeps_the_reference_semantics(monkeypatch, amp, bf16_ok, expected)
 
 def test_bfloat16_autocast_on_tiny_tensors_matches_float32():
     """The bfloat16 code path itself, on tensors small enough that emulation costs nothing."""
-    from src.model import FiveHeadModel, create_backbone
+    from biomass5head.model.backbone import create_backbone
+    from biomass5head.model.five_head import FiveHeadModel
 
     torch.manual_seed(0)
     model = FiveHeadModel(create_backbone("test_vit", 32, pretrained=False)).eval()

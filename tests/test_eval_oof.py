@@ -10,16 +10,18 @@ import pytest
 import torch
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from src import backbone, inference
-from src.checkpoint import load_checkpoint
-from src.config import RunConfig
-from src.constants import CLOVER, COMPETITION_WEIGHTS, DEAD, GDM, GREEN, TARGETS, TOTAL
-from src.data import load_train
-from src.dataset import BiomassDataset
-from src.eval_5head_oof import main
-from src.images import IMAGENET_MEAN, IMAGENET_STD
-from src.targets import TargetTransform
-from src.trainer import build_model
+from biomass5head.cli.eval import main
+from biomass5head.config import RunConfig
+from biomass5head.constants import CLOVER, COMPETITION_WEIGHTS, DEAD, GDM, GREEN, TARGETS, TOTAL
+from biomass5head.data.datasets import BiomassDataset
+from biomass5head.data.images import IMAGENET_MEAN, IMAGENET_STD, TileSpec
+from biomass5head.data.tables import load_train
+from biomass5head.infer import predict as infer_predict
+from biomass5head.infer import run as infer_run
+from biomass5head.model import backbone
+from biomass5head.model.checkpoint import load_checkpoint
+from biomass5head.model.five_head import build_model
+from biomass5head.model.targets import TargetTransform
 
 META = ["sample_id_prefix", "fold", "image_path", "Sampling_Date", "State", "Species", "Pre_GSHH_NDVI",
         "Height_Ave_cm"]
@@ -99,7 +101,7 @@ def test_per_fold_scores_equal_the_checkpoints_validation(oof_dir):
 
 
 def _direct_grams(ckpt_path, df):
-    """expm1 of the checkpoint model's output for the rows of df, computed here without src.inference (same
+    """expm1 of the checkpoint model's output for the rows of df, computed here without biomass5head.infer (same
     batches of 4 and the precision the run's validation used, as config.json records it); the run's Dead correction
     applied by hand."""
     ckpt = load_checkpoint(ckpt_path)
@@ -107,7 +109,7 @@ def _direct_grams(ckpt_path, df):
     model = build_model(RunConfig.from_dict(ckpt["config"]), pretrained=False)
     model.load_state_dict(ckpt["model"])
     model.eval()
-    ds = BiomassDataset(df.reset_index(drop=True), (2, 2), 28, *model.mean_std)
+    ds = BiomassDataset(df.reset_index(drop=True), TileSpec((2, 2), 28, *model.mean_std))
     loader = torch.utils.data.DataLoader(ds, batch_size=4)
     used = ckpt["config"]["runtime"]["amp_dtype_used"]
     with torch.no_grad(), torch.autocast("cpu", dtype=getattr(torch, used), enabled=used != "float32"):
@@ -180,9 +182,9 @@ class LeftHalfModel(MeanPixelModel):
 @pytest.mark.parametrize("toy, invariant", [(MeanPixelModel, True), (LeftHalfModel, False)])
 def test_tta_leaves_a_flip_invariant_model_unchanged(toy, invariant, tiny_run, tmp_path, monkeypatch):
     def fake_load(path, opts, device):
-        return inference.FoldModel(0, toy(), TargetTransform(np.ones(5), log_target=False), None)
+        return infer_run.FoldModel(0, toy(), TargetTransform(np.ones(5), log_target=False), None)
 
-    monkeypatch.setattr(inference, "load_fold_model", fake_load)
+    monkeypatch.setattr(infer_predict, "load_fold_model", fake_load)
     preds = []
     for extra in ([], ["--tta"]):
         run_dir = link_run(tiny_run, tmp_path / f"run{len(extra)}")
@@ -252,7 +254,7 @@ def test_unusable_runs_and_options_are_clear_errors(args, damage, words, tiny_ru
 
 def test_evaluation_and_prediction_need_no_pretrained_weights(tiny_run, tmp_path, monkeypatch):
     """A run trained with --backbone-weights FILE, FILE since deleted: everything comes from the checkpoints."""
-    from src.predict import main as predict_main
+    from biomass5head.cli.predict import main as predict_main
 
     def use_deleted_file(cfg):
         cfg["model"].update(pretrained=True, backbone_weights=str(tmp_path / "deleted.safetensors"))

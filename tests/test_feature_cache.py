@@ -22,33 +22,38 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import src.dataset
-import src.engine
-import src.feature_cache
-import src.model
-import src.trainer
-from src import eval_5head_oof, inference, train_5head
-from src import predict as predict_cli
-from src.augment import StereoAugment, hflip_views, vflip_views
-from src.config import build_parser, config_from_args
-from src.constants import TARGETS
-from src.data import load_train
-from src.dataset import BiomassDataset, FeatureDataset
-from src.engine import flip_tiles
-from src.feature_cache import (
+import biomass5head.data.datasets
+import biomass5head.data.feature_cache
+import biomass5head.model.five_head
+import biomass5head.model.predict
+import biomass5head.train.engine
+import biomass5head.train.trainer
+from biomass5head.cli import eval as eval_5head_oof
+from biomass5head.cli import predict as predict_cli
+from biomass5head.cli import train as train_5head
+from biomass5head.cli.train import build_parser, config_from_args
+from biomass5head.constants import TARGETS
+from biomass5head.data.augment import StereoAugment, hflip_views, vflip_views
+from biomass5head.data.datasets import BiomassDataset, FeatureDataset
+from biomass5head.data.feature_cache import (
     FLIP_VARIANTS,
     FeatureCache,
     _variant_views,
-    autocast_key,
     bank_variants,
     ensure_features,
-    file_digest,
     plan_feature_path,
-    predict_from_cache,
     state_dict_digest,
 )
-from src.images import load_views, tile_view, tiles_to_tensor
-from src.model import FiveHeadModel, create_backbone
+from biomass5head.data.images import TileSpec, load_views, tile_view, tiles_to_tensor
+from biomass5head.data.tables import load_train
+from biomass5head.device import Precision, Runtime
+from biomass5head.fileio import file_sha256
+from biomass5head.infer import run as inference
+from biomass5head.infer.oof import read_run_folds
+from biomass5head.infer.predict import finish, predict_from_cache
+from biomass5head.model.backbone import create_backbone
+from biomass5head.model.five_head import FiveHeadModel
+from biomass5head.model.predict import flip_tiles
 
 BACKBONE = "test_vit"
 IMG = 32
@@ -60,8 +65,12 @@ RUN_ARGS = ["--backbone", BACKBONE, "--img-size", str(IMG), "--grid", "1", "2", 
             "--train-folds", "0"]
 
 
-def bf16():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+F32 = Runtime(CPU, Precision("float32", None, "tests"), 0)
+
+
+def bf16() -> Runtime:
+    """A CPU runtime that computes in bfloat16 autocast (the tensors here are small enough for any CPU)."""
+    return Runtime(CPU, Precision("bfloat16", torch.bfloat16, "tests"), 0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -102,13 +111,13 @@ def spies():
     """Record backbone passes, photo decodes (pixel datasets vs cache builds), batches, epochs and `src` logs."""
     rec = Record()
     handler = _ListHandler()
-    src_logger = logging.getLogger("src")  # survives train_5head's basicConfig(force=True) on the root logger
+    src_logger = logging.getLogger("biomass5head")
     old_level = src_logger.level
     src_logger.setLevel(logging.INFO)
     src_logger.addHandler(handler)
-    encode = src.model.FiveHeadModel.encode
-    forward_batch = src.engine.forward_batch
-    train_one_epoch = src.trainer.train_one_epoch
+    encode = biomass5head.model.five_head.FiveHeadModel.encode
+    forward_batch = biomass5head.model.predict.forward_batch
+    train_one_epoch = biomass5head.train.trainer.train_one_epoch
 
     def spy_encode(self, x):
         rec.encodes += 1
@@ -126,17 +135,18 @@ def spies():
         return train_one_epoch(model, loader, *a, **kw)
 
     def decoder(kind, original):
-        def spy(path, grid=(1, 1), img_size=518):
+        def spy(path, grid, img_size):
             rec.events.append((kind, str(path)))
-            return original(path, grid=grid, img_size=img_size)
+            return original(path, grid, img_size)
         return spy
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(src.model.FiveHeadModel, "encode", spy_encode)
-        mp.setattr(src.engine, "forward_batch", spy_forward_batch)
-        mp.setattr(src.trainer, "train_one_epoch", spy_train_one_epoch)
-        mp.setattr(src.dataset, "load_views", decoder("pixels", src.dataset.load_views))
-        mp.setattr(src.feature_cache, "load_views", decoder("cache", src.feature_cache.load_views))
+        mp.setattr(biomass5head.model.five_head.FiveHeadModel, "encode", spy_encode)
+        mp.setattr(biomass5head.train.engine, "forward_batch", spy_forward_batch)
+        mp.setattr(biomass5head.model.predict, "forward_batch", spy_forward_batch)
+        mp.setattr(biomass5head.train.trainer, "train_one_epoch", spy_train_one_epoch)
+        mp.setattr(biomass5head.data.datasets, "load_views", decoder("pixels", load_views))
+        mp.setattr(biomass5head.data.feature_cache, "load_views", decoder("cache", load_views))
         try:
             yield rec
         finally:
@@ -164,17 +174,17 @@ def photos(tiny_data, tmp_path) -> list[Path]:
 
 def make_cache(root, model, *, grid=GRID, img_size=IMG, autocast=None, weights=None, aug_key="") -> FeatureCache:
     return FeatureCache(root, backbone=BACKBONE, weights_digest=weights or state_dict_digest(model.backbone),
-                        img_size=img_size, grid=grid, compute_dtype=autocast_key(autocast), aug_key=aug_key)
+                        tiles=TileSpec(grid, img_size, *model.mean_std),
+                        compute_dtype=(autocast or F32).dtype_name, aug_key=aug_key)
 
 
 def build(root, model, paths, variants=("id",), *, grid=GRID, img_size=IMG, autocast=None, weights=None,
           aug_key="", augment=None, seed=0):
     """(cache, table) of ensure_features with the cache keyed as the trainer keys it."""
-    autocast = autocast if autocast is not None else contextlib.nullcontext()
+    autocast = autocast or F32
     cache = make_cache(root, model, grid=grid, img_size=img_size, autocast=autocast, weights=weights, aug_key=aug_key)
-    mean, std = model.mean_std
-    table = ensure_features(cache, model, paths, list(variants), grid=grid, img_size=img_size, mean=mean, std=std,
-                            device=CPU, autocast=autocast, batch_size=4, augment=augment, seed=seed)
+    table = ensure_features(cache, model, paths, list(variants), tiles=TileSpec(grid, img_size, *model.mean_std),
+                            runtime=autocast, batch_size=4, augment=augment, seed=seed)
     return cache, table
 
 
@@ -193,7 +203,7 @@ def pixel_tiles(model, path, variant="id", grid=GRID, img_size=IMG) -> torch.Ten
 def fresh(model, path, variant="id", autocast=None, grid=GRID, img_size=IMG) -> np.ndarray:
     """model.encode of one photo's tiles now: (2, T, D) float32."""
     x = pixel_tiles(model, path, variant, grid, img_size)
-    with autocast if autocast is not None else contextlib.nullcontext():
+    with (autocast or F32).autocast():
         feats = model.encode(x.flatten(0, 1))
     return feats.float().reshape(2, x.shape[1], -1).numpy()
 
@@ -294,9 +304,9 @@ def test_changing_any_part_of_the_key_misses_the_cache(change, model, photos, tm
     elif change == "variant":
         kwargs = dict(variants=("id", "h"))
     elif change == "photo_bytes":
-        before = file_digest(paths[0])
+        before = file_sha256(paths[0])
         _one_pixel_changed(paths[0])
-        assert file_digest(paths[0]) != before
+        assert file_sha256(paths[0]) != before
         computed = 1  # the other photo is unchanged: still a hit
     elif change == "compute_dtype":
         kwargs = dict(autocast=bf16())
@@ -580,18 +590,16 @@ def test_eval_tta_with_the_cache_averages_id_h_v(head_only, tiny_data, tmp_path)
     # fold 0's rows: the mean in grams of the three variants' predictions, then the run's post-processing
     run = inference.open_run(head_only.out)
     opts = inference.resolve_options(run, {"feature_cache": str(cache)})
-    device, autocast, _ = inference.runtime(opts)
+    rt = inference.runtime(opts)
     df = load_train(tiny_data)
-    rows = df[eval_5head_oof.read_run_folds(run, df, None) == 0].reset_index(drop=True)
-    fm = inference.load_fold_model(run.checkpoints[0], opts, device)
-    fc = FeatureCache(cache, backbone=opts.backbone, weights_digest=state_dict_digest(fm.model.backbone),
-                      img_size=opts.img_size, grid=opts.grid, compute_dtype=autocast_key(autocast))
+    rows = df[read_run_folds(run, df, None) == 0].reset_index(drop=True)
+    fm = inference.load_fold_model(run.checkpoints[0], opts, rt.device)
+    fc = FeatureCache(cache, backbone=opts.cfg.model.backbone, weights_digest=state_dict_digest(fm.model.backbone),
+                      tiles=fm.tiles(opts), compute_dtype=rt.dtype_name)
     with spies() as rec:
-        per_variant = [predict_from_cache(fm.model, fm.transform, rows, fc, variants=[v], grid=opts.grid,
-                                          img_size=opts.img_size, device=device, autocast=autocast,
-                                          batch_size=4)["pred"] for v in ("id", "h", "v")]
+        per_variant = [predict_from_cache(fm, rows, fc, opts, rt, variants=[v])["pred"] for v in ("id", "h", "v")]
     assert rec.encodes == 0
-    expected = inference.finish(np.mean(per_variant, axis=0), opts)
+    expected = finish(np.mean(per_variant, axis=0), opts)
     np.testing.assert_allclose(tta.loc[tta["fold"] == 0, PRED_COLS].to_numpy(), expected, rtol=1e-6, atol=1e-6)
 
 

@@ -5,14 +5,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.constants import MONTHS, STATES, TARGETS
-from src.folds import CV_STRATEGIES, FoldError, fold_summary, make_folds, read_fold_csv, target_bins, write_folds
+from biomass5head.constants import MONTHS, STATES, TARGETS
+from biomass5head.data.folds import (
+    CV_STRATEGIES,
+    FoldError,
+    fold_summary,
+    make_folds,
+    read_fold_csv,
+    target_bins,
+    write_folds,
+)
 
 NUM_FOLDS = 5
 
 
 def synthetic_frame(n: int = 120, seed: int = 0) -> pd.DataFrame:
-    """One row per image as src.data.load_train makes it: random dates over the 10 months, 4 States."""
+    """One row per image as biomass5head.data.tables.load_train makes it: random dates over the 10 months, 4 States."""
     rng = np.random.default_rng(seed)
     months = rng.choice(MONTHS, size=n)
     days = rng.integers(1, 28, size=n)

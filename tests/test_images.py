@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from src import images
-from src.images import (
+from biomass5head.data import images
+from biomass5head.data.images import (
     ImageReadError,
     decode_photo,
     decode_scale,

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.constants import DEAD, GREEN, IGNORE_INDEX, TOTAL
-from src.losses import AUX_HEADS, BiomassLoss, aux_cross_entropy, focal_weights
-from src.targets import TargetTransform
+from biomass5head.constants import AUX_HEADS, DEAD, GREEN, IGNORE_INDEX, TOTAL
+from biomass5head.model.targets import TargetTransform
+from biomass5head.train.losses import BiomassLoss, aux_cross_entropy, focal_weights
 
 N_CLASSES = {"state": 4, "month": 10, "species": 8}
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import r2_score
 
-from src.constants import COMPETITION_WEIGHTS, TARGETS
-from src.metrics import compute_metrics, format_metrics_table, weighted_r2
+from biomass5head.constants import COMPETITION_WEIGHTS, TARGETS
+from biomass5head.metrics import compute_metrics, format_metrics_table, weighted_r2
 
 
 def random_case(n: int = 50, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

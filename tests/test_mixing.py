@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.constants import CLOVER, DEAD, GDM, GREEN, TOTAL
-from src.mixing import PairMixer, build_partner_index, cutmix_views, mixup_views, sample_lambda
+from biomass5head.constants import CLOVER, DEAD, GDM, GREEN, TOTAL
+from biomass5head.data.mixing import PairMixer, build_partner_index, cutmix_views, mixup_views, sample_lambda
 
 
 def frame() -> pd.DataFrame:

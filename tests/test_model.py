@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from src import backbone as backbone_mod
-from src.model import FiveHeadModel, create_backbone, describe, weights_digest
+from biomass5head.fileio import file_sha256
+from biomass5head.model import backbone as backbone_mod
+from biomass5head.model.backbone import create_backbone
+from biomass5head.model.five_head import FiveHeadModel, describe
 
 NAME = "vit_small_patch14_reg4_dinov2.lvd142m"
 B, T, S = 2, 4, 28
@@ -236,7 +238,7 @@ def test_weights_file_errors(tmp_path, reference_state):
 def test_weights_digest(tmp_path):
     path = tmp_path / "w.bin"
     path.write_bytes(b"abc" * 1000)
-    assert weights_digest(path) == hashlib.sha256(b"abc" * 1000).hexdigest()[:16]
+    assert file_sha256(path)[:16] == hashlib.sha256(b"abc" * 1000).hexdigest()[:16]
 
 
 # --- pretrained weights without a network ----------------------------------------------------------------------

@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.constants import CLOVER, DEAD, IGNORE_INDEX, TARGETS
-from src.postprocess import (
+from biomass5head.constants import CLOVER, DEAD, IGNORE_INDEX, TARGETS
+from biomass5head.model.postprocess import (
     apply_context_adjustment,
     apply_postprocess,
     compute_context_ratios,

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src import inference
-from src.constants import TARGETS
-from src.data import load_test
-from src.predict import main
+from biomass5head.cli.predict import main
+from biomass5head.constants import TARGETS
+from biomass5head.data.tables import load_test
+from biomass5head.infer.predict import finish, predict_grams
+from biomass5head.infer.run import load_fold_model, open_run, resolve_options, runtime
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +44,14 @@ def test_submission_has_test_csvs_ids_in_order_from_the_fold_average(submission,
     assert np.isfinite(sub["target"]).all() and (sub["target"] >= 0).all()
 
     # the same numbers from the fold models one by one: mean in grams, then the run's Dead correction
-    run = inference.open_run(run_dir)
-    opts = inference.resolve_options(run, {})
-    device, autocast, _ = inference.runtime(opts)
+    run = open_run(run_dir)
+    opts = resolve_options(run, {})
+    rt = runtime(opts)
     images, rows = load_test(tiny_data)
-    per_fold = [inference.predict_grams(inference.load_fold_model(path, opts, device), images, opts, device, autocast)
+    per_fold = [predict_grams(load_fold_model(path, opts, rt.device), images, opts, rt)
                 for path in run.checkpoints.values()]
     assert len(per_fold) == 5 and not np.allclose(per_fold[0], per_fold[1])
-    expected = inference.finish(np.mean(per_fold, axis=0), opts)
+    expected = finish(np.mean(per_fold, axis=0), opts)
     image_index = {p: i for i, p in enumerate(images["sample_id_prefix"])}
     pairs = zip(rows["sample_id_prefix"], rows["target_name"], strict=True)
     want = [expected[image_index[p], TARGETS.index(t)] for p, t in pairs]

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src import synthetic_params as P
-from src.constants import STATES, TARGETS
-from src.make_synthetic import main, plot_examples
-from src.synthetic import FILE_TARGET_ORDER, generate, sample_records
-from src.synthetic_render import render_photo
+from biomass5head.cli.synthetic import main
+from biomass5head.constants import STATES, TARGETS
+from biomass5head.synthetic import params as P
+from biomass5head.synthetic.generate import FILE_TARGET_ORDER, generate, sample_records
+from biomass5head.synthetic.render import render_photo
+from biomass5head.synthetic.write import plot_examples
 
 SIZE = (224, 112)
 N_TRAIN, N_TEST = 24, 4
@@ -130,8 +131,8 @@ def test_cli_writes_and_refuses_an_existing_run(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"train.csv", "test.csv", "trainfold.csv", "train", "test"}
     assert "wrote 6 training and 1 test photos" in capsys.readouterr().out
     before = (out / "train.csv").read_bytes()
-    with pytest.raises(SystemExit, match="already holds a data set"):
-        main(["--out", str(out), *CLI_ARGS, "--seed", "1"])
+    assert main(["--out", str(out), *CLI_ARGS, "--seed", "1"]) == 2
+    assert "already holds a data set" in capsys.readouterr().out
     assert (out / "train.csv").read_bytes() == before
     (out / "notes.txt").write_text("mine")
     assert main(["--out", str(out), *CLI_ARGS, "--seed", "1", "--overwrite"]) == 0
@@ -153,7 +154,7 @@ def test_failed_run_leaves_nothing(tmp_path, monkeypatch):
         (Path(out) / "train.csv").write_text("half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("src.make_synthetic.generate", broken)
+    monkeypatch.setattr("biomass5head.synthetic.write.generate", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         main(["--out", str(tmp_path / "set"), *CLI_ARGS])
     assert list(tmp_path.iterdir()) == []
@@ -166,7 +167,7 @@ def test_preview_figure(data_dir, tmp_path):
 
 
 def test_reads_back_with_the_data_layer(data_dir, caplog):
-    from src.data import load_test, load_train
+    from biomass5head.data.tables import load_test, load_train
 
     with caplog.at_level(logging.WARNING):
         train = load_train(data_dir)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.targets import SCALE_EPS, TargetTransform
+from biomass5head.model.targets import SCALE_EPS, TargetTransform
 
 
 def _grams(seed=0, n=40):

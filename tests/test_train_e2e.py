@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 import torch
 
-from src.config import RunConfig
-from src.data import load_train
-from src.train_5head import main
+from biomass5head.cli.train import main
+from biomass5head.config import RunConfig
+from biomass5head.data.tables import load_train
 
 pytestmark = pytest.mark.slow
 

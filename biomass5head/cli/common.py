@@ -1,0 +1,76 @@
+"""What every entry point shares: one log format, one user-error wrapper, and the options eval and predict share.
+
+Every command module in `cli/` has the same shape: `build_parser()` (tests call it), `main(argv) -> int` that
+parses, then hands the work to `run_command`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from biomass5head.model.backbone import WeightsUnavailable
+
+# What a user can cause and fix (a bad file, option, run folder or missing weights): one logged line and exit code
+# 2, no traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, WeightsUnavailable)
+RUN_VALUE = "default: the run's value"
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record arrives (a command run in-process, e.g. by a test, may run
+    under a replaced stdout)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def setup_logging() -> None:
+    """INFO lines with a time stamp on stdout (beside tqdm's bars on stderr). Installed once; other handlers on the
+    root logger (a host application's, pytest's) are left alone."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    if not any(isinstance(h, _StdoutHandler) for h in root.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+
+
+def run_command(work: Callable[[], object], logger: logging.Logger) -> int:
+    """Set up logging and call `work()`; a user error becomes one logged line and exit code 2. Returns `work`'s
+    result when it is an exit code (an int), else 0."""
+    setup_logging()
+    try:
+        code = work()
+    except USER_ERRORS as exc:
+        logger.error("%s", exc)
+        return 2
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
+
+
+def add_inference_arguments(p: argparse.ArgumentParser, *, data_help: str) -> argparse._ArgumentGroup:
+    """The options eval and predict share: --model-dir and --data-dir (group "Paths", returned so a command adds its
+    own paths), and --batch-size, --num-workers, --device, --feature-cache, --tta and --derive-dead ("Inference").
+    Options left out (None) take the run's value."""
+    paths = p.add_argument_group("Paths")
+    paths.add_argument("--model-dir", required=True,
+                       help="run folder with 5head_best_fold{k}.pth (and folds.csv, config.json)")
+    paths.add_argument("--data-dir", default=None, help=f"{data_help} (default: the run's --base-path, else ./data)")
+    g = p.add_argument_group("Inference")
+    g.add_argument("--batch-size", type=int, default=None, help=f"images per batch ({RUN_VALUE})")
+    g.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers ({RUN_VALUE}; none recorded: "
+                   "4 on a GPU, one per 4 cores on a CPU)")
+    g.add_argument("--device", default=None, choices=("cuda", "mps", "cpu"), help="default: auto-detect")
+    g.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="frozen-feature cache folder (default: the run's, else <data-dir>/.feature_cache)")
+    g.add_argument("--no-feature-cache", action="store_true", help="predict from pixels even for a frozen run")
+    g.add_argument("--tta", action="store_true", help="average original, horizontal and vertical flips (in grams)")
+    g.add_argument("--derive-dead", action="store_true",
+                   help="Dead = max(0, Total - GDM) after the run's post-processing")
+    return paths

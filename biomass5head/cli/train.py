@@ -1,0 +1,197 @@
+"""Train the 5-head DINOv2 biomass model with K-fold cross-validation.
+
+Single process:
+    python -m src.train_5head --base-path data --epochs 10 --train-folds 0 --device-type cuda
+Tiny CPU run on synthetic data (no pretrained weights needed):
+    python -m src.make_synthetic --out data
+    python -m src.train_5head --base-path data --backbone vit_small_patch14_reg4_dinov2.lvd142m --no-pretrained \
+        --img-size 56 --epochs 2 --batch-size 4 --num-workers 0 --device-type cpu
+The same command anywhere, once installed: `biomass5head train --base-path data ...`. Multi-GPU training through
+torchrun arrives in a later release; under torchrun with more than one process this command refuses to start.
+
+Writes into --output-dir: 5head_best_fold{k}.pth, folds.csv, config.json, log_fold{k}.csv, summary.json and
+learning_curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from biomass5head.cli.common import run_command
+from biomass5head.config import (
+    AMP_DTYPES,
+    DEFAULT_BACKBONE,
+    AugConfig,
+    CacheConfig,
+    ConfigError,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    PostConfig,
+    RunConfig,
+    TrainConfig,
+)
+from biomass5head.constants import CV_STRATEGIES
+from biomass5head.train.run import run
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The train_5head parser, grouped and ordered as in the reference."""
+    p = argparse.ArgumentParser(prog="python -m src.train_5head", description="Train the 5-head DINOv2 biomass model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("Paths")
+    g.add_argument("--base-path", default="./data", help="directory with train.csv and train/")
+    g.add_argument("--output-dir", default=None, help="run folder (default ./outputs/5head_YYYYMMDD_HHMMSS/)")
+
+    g = p.add_argument_group("Model architecture")
+    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm ViT name")
+    g.add_argument("--grid", type=int, nargs=2, default=[2, 2], metavar=("ROWS", "COLS"), help="tile grid per view")
+    g.add_argument("--dropout", type=float, default=0.2, help="dropout in the heads (0.0-0.5)")
+    g.add_argument("--hidden-ratio", type=float, default=0.5, help="hidden = 2 x D x ratio")
+    g.add_argument("--no-film", action="store_true", help="disable FiLM conditioning between views")
+    g.add_argument("--no-attention-pool", action="store_true", help="mean pooling over tiles instead of attention")
+    g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the backbone")
+    g.add_argument("--backbone-weights", default=None, metavar="FILE",
+                   help="local .safetensors/.pth backbone weights (timm or original DINOv2 layout)")
+    g.add_argument("--no-pretrained", action="store_true", help="random backbone initialisation")
+
+    g = p.add_argument_group("Training configuration")
+    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--batch-size", type=int, default=8, help="batch size per device")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers (default: 4 on a GPU as in the reference; on a CPU one per 4 usable "
+                        "cores, at least 1: more would take cores from the model)")
+    g.add_argument("--cache-images", action="store_true", help="keep decoded views in RAM")
+    g.add_argument("--prefetch-factor", type=int, default=4, help="DataLoader prefetch factor (workers > 0)")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient clipping norm (0 disables)")
+    g.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs")
+    g.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="frozen-feature cache folder (default <base-path>/.feature_cache)")
+    g.add_argument("--no-feature-cache", action="store_true",
+                   help="always run the frozen backbone on pixels instead of reusing cached tile features")
+    g.add_argument("--feature-bank", type=int, default=4, metavar="K",
+                   help="pre-augmented variants per photo cached when augmentation is on (0: run uncached)")
+
+    g = p.add_argument_group("Learning rates")
+    g.add_argument("--lr", type=float, default=2e-4, help="head LR (single stage / stage 2)")
+    g.add_argument("--backbone-lr", type=float, default=1e-5, help="backbone LR (single stage / stage 2)")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-epochs", type=int, default=2, help="linear warmup epochs before cosine")
+
+    g = p.add_argument_group("2-stage training")
+    g.add_argument("--two-stage", action="store_true", help="heads only first, then full fine-tuning")
+    g.add_argument("--freeze-epochs", type=int, default=5, help="epochs of stage 1")
+    g.add_argument("--head-lr-stage1", type=float, default=1e-3, help="head LR in stage 1 and head-only training")
+    g.add_argument("--freeze-backbone", action="store_true", help="backbone frozen for all epochs")
+
+    g = p.add_argument_group("Auxiliary heads")
+    g.add_argument("--use-aux-heads", action="store_true", help="State, Month and Species heads")
+    g.add_argument("--aux-state-weight", type=float, default=5.0)
+    g.add_argument("--aux-month-weight", type=float, default=3.0)
+    g.add_argument("--aux-species-weight", type=float, default=2.0)
+    g.add_argument("--apply-context-adjustment", action="store_true",
+                   help="rescale Dead and Clover by the predicted context's training ratios")
+
+    g = p.add_argument_group("Loss function")
+    g.add_argument("--target-weights", type=float, nargs=5, default=[0.2] * 5, metavar="W",
+                   help="loss weights for Green, Dead, Clover, GDM, Total")
+    g.add_argument("--constraint-weight", type=float, default=0.05)
+    g.add_argument("--use-focal-loss", action="store_true")
+    g.add_argument("--use-dead-aware-loss", action="store_true")
+    g.add_argument("--no-huber-for-dead", action="store_true")
+
+    g = p.add_argument_group("Post-processing")
+    g.add_argument("--correction-threshold", type=float, default=0.15)
+    g.add_argument("--always-correct-dead", action="store_true")
+
+    g = p.add_argument_group("Augmentation")
+    g.add_argument("--img-size", type=int, default=518, help="tile size fed to the backbone")
+    g.add_argument("--aug-prob", type=float, default=0.5)
+    g.add_argument("--stereo-correct-aug", action="store_true", help="photometric transforms independent per view")
+    g.add_argument("--stereo-swap-prob", type=float, default=0.0)
+
+    g = p.add_argument_group("Target normalization")
+    g.add_argument("--use-log-target", action="store_true", help="learn log1p(grams)")
+
+    g = p.add_argument_group("MixUp/CutMix (partners share Species, month and State)")
+    g.add_argument("--mixup-prob", type=float, default=0.0, help="MixUp probability per training image")
+    g.add_argument("--mixup-alpha", type=float, default=0.4)
+    g.add_argument("--cutmix-prob", type=float, default=0.0,
+                   help="CutMix probability per training image (with --mixup-prob at most 1 in total)")
+    g.add_argument("--cutmix-alpha", type=float, default=1.0)
+
+    g = p.add_argument_group("AMP")
+    g.add_argument("--amp-dtype", default="float16", choices=AMP_DTYPES,
+                   help="autocast dtype (float32 turns autocast off). On a CPU: bfloat16 where the CPU has it natively "
+                        "(AMX/AVX512-BF16), float32 elsewhere; an explicit bfloat16 runs anyway, with a warning")
+
+    g = p.add_argument_group("Cross-validation")
+    g.add_argument("--num-folds", type=int, default=5)
+    g.add_argument("--train-folds", type=int, nargs="+", default=None, help="folds to train (default: all)")
+    g.add_argument("--cv-strategy", default="group_month", choices=CV_STRATEGIES)
+    g.add_argument("--fold-csv", default=None, help="CSV with sample_id_prefix,fold (overrides --cv-strategy)")
+
+    g = p.add_argument_group("Device & misc")
+    g.add_argument("--device-type", default=None, choices=("cuda", "mps", "cpu"), help="default: auto-detect")
+    g.add_argument("--seed", type=int, default=18)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Resolve parsed arguments into a RunConfig, clipping what the reference's commands need clipped."""
+    epochs = args.epochs
+    freeze_epochs, warmup_epochs = args.freeze_epochs, args.warmup_epochs
+    if args.two_stage and not args.freeze_backbone and freeze_epochs > epochs:
+        logger.warning("--freeze-epochs %d is longer than --epochs %d: clipped to %d", freeze_epochs, epochs, epochs)
+        freeze_epochs = epochs
+    if warmup_epochs > epochs:
+        logger.warning("--warmup-epochs %d is longer than --epochs %d: clipped to %d", warmup_epochs, epochs, epochs)
+        warmup_epochs = epochs
+    if args.freeze_backbone and args.two_stage:
+        logger.warning("--freeze-backbone wins over --two-stage: the backbone stays frozen for all epochs")
+    if args.no_pretrained and args.backbone_weights:
+        raise ConfigError("--no-pretrained and --backbone-weights contradict each other: choose one")
+    train_folds = tuple(args.train_folds) if args.train_folds is not None else tuple(range(args.num_folds))
+    return RunConfig(
+        model=ModelConfig(backbone=args.backbone, grid=tuple(args.grid), img_size=args.img_size, dropout=args.dropout,
+                          hidden_ratio=args.hidden_ratio, film=not args.no_film,
+                          attention_pool=not args.no_attention_pool, grad_ckpt=args.grad_ckpt,
+                          use_aux_heads=args.use_aux_heads, pretrained=not args.no_pretrained,
+                          backbone_weights=args.backbone_weights),
+        data=DataConfig(base_path=args.base_path, batch_size=args.batch_size, num_workers=args.num_workers,
+                        cache_images=args.cache_images, prefetch_factor=args.prefetch_factor,
+                        num_folds=args.num_folds, train_folds=train_folds, cv_strategy=args.cv_strategy,
+                        fold_csv=args.fold_csv),
+        aug=AugConfig(aug_prob=args.aug_prob, stereo_correct_aug=args.stereo_correct_aug,
+                      stereo_swap_prob=args.stereo_swap_prob, mixup_prob=args.mixup_prob,
+                      mixup_alpha=args.mixup_alpha, cutmix_prob=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha),
+        loss=LossConfig(target_weights=tuple(args.target_weights), constraint_weight=args.constraint_weight,
+                        use_focal_loss=args.use_focal_loss, use_dead_aware_loss=args.use_dead_aware_loss,
+                        huber_for_dead=not args.no_huber_for_dead, aux_state_weight=args.aux_state_weight,
+                        aux_month_weight=args.aux_month_weight, aux_species_weight=args.aux_species_weight,
+                        use_log_target=args.use_log_target),
+        post=PostConfig(correction_threshold=args.correction_threshold, always_correct_dead=args.always_correct_dead,
+                        apply_context_adjustment=args.apply_context_adjustment),
+        train=TrainConfig(epochs=epochs, grad_accum=args.grad_accum, grad_clip=args.grad_clip, patience=args.patience,
+                          lr=args.lr, backbone_lr=args.backbone_lr, weight_decay=args.weight_decay,
+                          warmup_epochs=warmup_epochs, two_stage=args.two_stage, freeze_epochs=freeze_epochs,
+                          head_lr_stage1=args.head_lr_stage1, freeze_backbone=args.freeze_backbone,
+                          amp_dtype=args.amp_dtype),
+        cache=CacheConfig(enabled=not args.no_feature_cache, dir=args.feature_cache, bank=args.feature_bank),
+        output_dir=args.output_dir,
+        device_type=args.device_type,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: run(config_from_args(args)), logger)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the competition's tables, photos to tiles, folds, augmentation, mixing, torch datasets, feature cache."""

@@ -1,0 +1,77 @@
+"""A short report of a finished, evaluated run (report.md): the OOF metric table of the 5-head model beside a ridge
+regression on the same frozen features, with links to the plots and the submission. The command is `cli/report.py`
+(`python -m src.report`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from biomass5head.constants import TARGET_SHORT, TARGETS
+from biomass5head.data.feature_cache import ensure_features
+from biomass5head.data.tables import load_train
+from biomass5head.fileio import atomic_path, write_json
+from biomass5head.infer.linear_probe import ridge_oof
+from biomass5head.infer.run import RunError, fold_feature_cache, load_fold_model, open_run, resolve_options, runtime
+from biomass5head.metrics import compute_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def probe_features(run, df: pd.DataFrame) -> np.ndarray:
+    """(N, 2*T*D) frozen tile features of the run's training photos, from (or into) its feature cache."""
+    opts = resolve_options(run, {"no_feature_cache": False})
+    if opts.feature_cache is None:
+        raise RunError("the ridge comparison needs a run trained with --freeze-backbone and the feature cache on")
+    rt = runtime(opts)
+    fm = load_fold_model(next(iter(run.checkpoints.values())), opts, rt.device)
+    table = ensure_features(fold_feature_cache(fm, opts, rt), fm.model, df["abs_path"], ["id"], tiles=fm.tiles(opts),
+                            runtime=rt, batch_size=opts.cfg.data.batch_size, desc="probe")
+    return np.stack([table[str(p)]["id"].reshape(-1) for p in df["abs_path"]])
+
+
+def metric_rows(named: dict) -> str:
+    """Markdown table: one column per model, rows = per-target R2 then the two weighted scores."""
+    names = list(named)
+    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for target, short in zip(TARGETS, TARGET_SHORT, strict=True):
+        scores = " | ".join(f"{named[n]['per_target'][target]['r2']:.4f}" for n in names)
+        lines.append(f"| R² {short} | {scores} |")
+    lines.append("| **weighted R² (global, primary)** | "
+                 + " | ".join(f"**{named[n]['weighted_r2']:.4f}**" for n in names) + " |")
+    lines.append("| weighted mean of per-target R² | "
+                 + " | ".join(f"{named[n]['weighted_r2_mean_per_target']:.4f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def build_report(run_dir: Path) -> str:
+    """Compute the ridge OOF scores on the run's folds and write report.md; returns its text."""
+    run = open_run(run_dir)
+    metrics_path = run.path / "oof_metrics.json"
+    if not metrics_path.is_file():
+        raise RunError(f"{metrics_path} is missing: run `python -m src.eval_5head_oof --model-dir {run.path}` first")
+    five_head = json.loads(metrics_path.read_text())
+    oof = pd.read_csv(run.path / "oof_predictions.csv")
+    df = load_train(resolve_options(run, {}).data_dir).set_index("sample_id_prefix").loc[oof["sample_id_prefix"]]
+    df = df.reset_index()
+    features = probe_features(run, df)
+    true = df[list(TARGETS)].to_numpy(np.float64)
+    ridge = compute_metrics(true, ridge_oof(features, true, oof["fold"].to_numpy()))
+    write_json(run.path / "ridge_oof_metrics.json", ridge)
+    baseline = json.loads((run.path / "summary.json").read_text()).get("mean_baseline_train_mean_r2")
+    text = "\n".join([
+        f"# Report: {run.path.name}", "",
+        f"Out-of-fold scores on {five_head['n_images']} images (folds {five_head['folds_evaluated']}), in grams. "
+        f"Ridge: a linear regression of log1p(grams) on the same frozen tile features ({features.shape[1]} numbers "
+        "per photo), alpha by internal cross-validation, same folds.", "",
+        metric_rows({"5-head model": five_head, "ridge on frozen features": ridge}), "",
+        f"Predicting the training mean scores {baseline:.4f} (mean over folds)." if baseline is not None else "",
+        "", "![predicted vs true](oof_pred_vs_true.png)", "", "![learning curves](learning_curves.png)", "",
+        "Submission: `submission.csv`" if (run.path / "submission.csv").is_file() else "", ""])
+    with atomic_path(run.path / "report.md") as tmp:
+        tmp.write_text(text)
+    return text

@@ -1,0 +1,66 @@
+"""Predicting new photos with a finished run: every image by the average of all fold models, written as a Kaggle
+submission (`sample_id,target` for test.csv) or, for a folder of photos, one row per photo.
+The command is `cli/predict.py` (`python -m src.predict`).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from biomass5head.constants import TARGETS
+from biomass5head.data.tables import load_test
+from biomass5head.fileio import write_csv
+from biomass5head.infer.predict import predict_ensemble
+from biomass5head.infer.run import RunError, open_run, resolve_options, runtime
+
+logger = logging.getLogger(__name__)
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def list_photos(folder: str | Path) -> pd.DataFrame:
+    """One row per photo of `folder` (file name `image`, `abs_path`), sorted by name; none is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunError(f"--images {folder} is not a folder")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+    if not paths:
+        raise RunError(f"--images {folder} holds no photos ({', '.join(PHOTO_SUFFIXES)})")
+    return pd.DataFrame({"image": [p.name for p in paths], "abs_path": [str(p.resolve()) for p in paths]})
+
+
+def submission(rows: pd.DataFrame, images: pd.DataFrame, pred: np.ndarray) -> pd.DataFrame:
+    """`sample_id,target` for every row of test.csv, in its order: the prediction of the row's image and target."""
+    image_row = pd.Series(np.arange(len(images)), index=images["sample_id_prefix"]).loc[rows["sample_id_prefix"]]
+    target_col = rows["target_name"].map({t: k for k, t in enumerate(TARGETS)})
+    values = pred[image_row.to_numpy(), target_col.to_numpy()]
+    return pd.DataFrame({"sample_id": rows["sample_id"].to_numpy(), "target": values})
+
+
+def run_predict(model_dir: str | Path, given: dict, images_dir: str | None = None, out: str | None = None) -> Path:
+    """Predict test.csv of the data folder (or every photo of `images_dir`) with the command line's options
+    (`given`, None = the run's value); writes the CSV (`out`, else a default in the run folder), returns its path."""
+    run = open_run(model_dir)
+    opts = resolve_options(run, given)
+    if images_dir:
+        images, rows = list_photos(images_dir), None
+        out = Path(out) if out else run.path / "photo_predictions.csv"
+    else:
+        images, rows = load_test(opts.data_dir)
+        out = Path(out) if out else run.path / "submission.csv"
+    rt = runtime(opts)
+    logger.info("predicting %d photo(s) with the average of folds %s, device %s, %s, TTA %s", len(images),
+                list(run.checkpoints), rt.device, rt.dtype_name, "on" if opts.tta else "off")
+    pred = predict_ensemble(run, images, opts, rt)
+    if not np.isfinite(pred).all() or (pred < 0).any():
+        raise RunError("predictions are not all finite and non-negative: the checkpoints may be damaged")
+    if rows is None:
+        table = pd.concat([images[["image"]], pd.DataFrame(pred, columns=list(TARGETS))], axis=1)
+    else:
+        table = submission(rows, images, pred)
+    write_csv(out, table)
+    logger.info("wrote %s (%d rows)", out, len(table))
+    return out

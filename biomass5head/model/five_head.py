@@ -1,0 +1,182 @@
+"""The 5-head model: a timm ViT encodes every tile of both stereo views, FiLM lets each view condition on the
+other, attention pooling summarises each view, and five independent heads regress the biomass targets.
+
+Shapes: `(B, T, 3, S, S)` per view (batch, tiles per view, channels, `--img-size`); D = backbone.num_features.
+Backbone creation and weights live in `model.backbone`; `build_model` makes the model a `RunConfig` describes.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import timm
+import timm.data
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from biomass5head.config import RunConfig
+from biomass5head.constants import AUX_CLASSES, TARGETS
+from biomass5head.model.backbone import create_backbone
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation of one view's tile features by the mean of the other view's."""
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or max(dim // 2, 1)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * dim))
+        # Zero last layer: gamma = beta = 0, so FiLM starts as the identity and the pretrained features reach the
+        # heads unchanged; the modulation is learned as a residual instead of scrambling features at step 0.
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) modulated as x * (1 + gamma) + beta, with gamma, beta from context (B, T', D)."""
+        gamma, beta = self.mlp(context.mean(dim=1)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+        return x * (1 + gamma) + beta
+
+
+class AttentionPool(nn.Module):
+    """Weighted mean of a view's tiles with learned softmax weights (attention-based MIL pooling)."""
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or max(dim // 4, 1)
+        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, D)."""
+        weights = self.score(x).softmax(dim=1)  # (B, T, 1)
+        return (weights * x).sum(dim=1)
+
+
+class RegressionHead(nn.Module):
+    """One target's small MLP: hidden -> hidden/2 -> 1 raw output (softplus is applied by the model)."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        mid = max(dim // 2, 1)
+        self.net = nn.Sequential(nn.Linear(dim, mid), nn.GELU(), nn.Dropout(dropout), nn.Linear(mid, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, 1)
+
+
+class FiveHeadModel(nn.Module):
+    """Stereo tiles -> backbone -> FiLM -> pooling -> shared projection -> five non-negative regressions
+    (+ optional State / Month / Species-group logits)."""
+
+    def __init__(self, backbone: nn.Module, *, dropout: float = 0.2, hidden_ratio: float = 0.5,
+                 use_film: bool = True, attention_pool: bool = True, use_aux_heads: bool = False,
+                 grad_ckpt: bool = False):
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"--dropout {dropout} must be in [0, 1)")
+        if hidden_ratio <= 0:
+            raise ValueError(f"--hidden-ratio {hidden_ratio} must be positive")
+        self.backbone = backbone
+        dim = int(backbone.num_features)
+        self.feat_dim = dim
+        self.hidden_dim = max(int(2 * dim * hidden_ratio), 1)
+        self.use_aux_heads = use_aux_heads
+        # Absent modules (not identity ones) so that --no-film / --no-attention-pool leave no parameters behind.
+        self.film = FiLM(dim) if use_film else None
+        self.pool = AttentionPool(dim) if attention_pool else None
+        self.proj = nn.Sequential(
+            nn.LayerNorm(2 * dim), nn.Linear(2 * dim, self.hidden_dim), nn.GELU(), nn.Dropout(dropout))
+        self.heads = nn.ModuleList(RegressionHead(self.hidden_dim, dropout) for _ in TARGETS)
+        self.aux_heads = nn.ModuleDict(
+            {k: nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden_dim, n)) for k, n in AUX_CLASSES.items()}
+        ) if use_aux_heads else None
+        self._backbone_trainable = True
+        if grad_ckpt:
+            backbone.set_grad_checkpointing(True)
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Normalisation mean and std the backbone expects (timm's data config), in 0-1 pixel units."""
+        data_cfg = timm.data.resolve_data_config({}, model=self.backbone)
+        return tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+
+    # --- backbone freezing -------------------------------------------------------------------------------
+    @property
+    def backbone_trainable(self) -> bool:
+        return self._backbone_trainable
+
+    def set_backbone_trainable(self, flag: bool) -> None:
+        """Freeze (False) or unfreeze (True) the backbone; a frozen backbone stays in eval mode."""
+        self._backbone_trainable = bool(flag)
+        for p in self.backbone.parameters():
+            p.requires_grad_(self._backbone_trainable)
+        self.backbone.train(self.training and self._backbone_trainable)
+
+    def train(self, mode: bool = True) -> FiveHeadModel:
+        """Like nn.Module.train, but a frozen backbone stays in eval mode: its dropout / drop-path must not
+        change features that are meant to be fixed (and possibly cached)."""
+        super().train(mode)
+        if not self._backbone_trainable:
+            self.backbone.eval()
+        return self
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return self.backbone.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter outside the backbone (FiLM, pooling, projection, heads)."""
+        return (p for n, p in self.named_parameters() if not n.startswith("backbone."))
+
+    # --- forward -----------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Tile features: x (N, 3, S, S) -> (N, D), the backbone's pre-logits output (the CLS token for DINOv2)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._backbone_trainable):
+            return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
+        """left, right (B, T, 3, S, S) -> dict of `reg` (B, 5) and, with aux heads, `state`/`month`/`species`."""
+        if left.shape != right.shape or left.dim() != 5:
+            raise ValueError(f"left and right must both be (B, T, 3, S, S); got {tuple(left.shape)} and "
+                             f"{tuple(right.shape)}")
+        b, t = left.shape[:2]
+        # One backbone call for every tile of both views: far better batched than 2*T small calls.
+        tiles = torch.cat([left, right], dim=0).flatten(0, 1)  # (2*B*T, 3, S, S)
+        feats = self.encode(tiles).view(2, b, t, -1)  # (2, B, T, D)
+        return self.forward_features(feats[0], feats[1])
+
+    def forward_features(self, left_feats: torch.Tensor, right_feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything after the backbone: left_feats, right_feats (B, T, D) -> the output dict of forward."""
+        lf, rf = left_feats, right_feats
+        if self.film is not None:
+            lf, rf = self.film(lf, right_feats), self.film(rf, left_feats)  # each conditioned on the other view
+        lp, rp = (self.pool(lf), self.pool(rf)) if self.pool is not None else (lf.mean(dim=1), rf.mean(dim=1))
+        hidden = self.proj(torch.cat([lp, rp], dim=-1))  # (B, 2D) -> (B, hidden)
+        raw = torch.cat([head(hidden) for head in self.heads], dim=-1)  # (B, 5)
+        out = {"reg": F.softplus(raw)}
+        if self.aux_heads is not None:
+            out.update({k: head(hidden) for k, head in self.aux_heads.items()})
+        return out
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def describe(model: FiveHeadModel) -> str:
+    """One log line of parameter counts: total, trainable, backbone and heads (in millions)."""
+    total = _count(model.parameters())
+    trainable = _count(p for p in model.parameters() if p.requires_grad)
+    backbone = _count(model.backbone_parameters())
+    heads = _count(model.head_parameters())
+    frozen = "" if model.backbone_trainable else " (backbone frozen)"
+    return (f"parameters: total {total / 1e6:.2f}M, trainable {trainable / 1e6:.2f}M, "
+            f"backbone {backbone / 1e6:.2f}M, heads {heads / 1e6:.2f}M{frozen}")
+
+
+def build_model(cfg: RunConfig, pretrained: bool | None = None) -> FiveHeadModel:
+    """The 5-head model of a configuration; `pretrained=False` skips weights (they come from a checkpoint)."""
+    m = cfg.model
+    use_pretrained = m.pretrained if pretrained is None else pretrained
+    backbone = create_backbone(m.backbone, m.img_size, pretrained=use_pretrained,
+                               weights_path=m.backbone_weights if use_pretrained else None)
+    return FiveHeadModel(backbone, dropout=m.dropout, hidden_ratio=m.hidden_ratio, use_film=m.film,
+                         attention_pool=m.attention_pool, use_aux_heads=m.use_aux_heads, grad_ckpt=m.grad_ckpt)

@@ -1,0 +1,1 @@
+"""Training: losses, one epoch, one fold (`FoldTrainer`), a whole run."""

@@ -1,0 +1,107 @@
+"""One training epoch and the learning-rate schedule; nothing here knows about folds or files."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from biomass5head.constants import AUX_HEADS
+from biomass5head.device import Runtime
+from biomass5head.model.predict import forward_batch
+
+logger = logging.getLogger(__name__)
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.01):
+    """Per-step LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine down to `min_ratio`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _aux_labels(batch: dict, device) -> dict:
+    return {h: batch[h].to(device) for h in AUX_HEADS if h in batch}
+
+
+def _count_correct(out: dict, labels: dict, sums: dict) -> None:
+    for head in AUX_HEADS:
+        if head not in out or head not in labels:
+            continue
+        valid = labels[head] >= 0
+        sums[f"n_{head}"] += int(valid.sum())
+        sums[f"correct_{head}"] += int((out[head].argmax(1)[valid] == labels[head][valid]).sum())
+
+
+def _accuracies(sums: dict) -> dict:
+    return {f"acc_{h}": sums[f"correct_{h}"] / sums[f"n_{h}"] for h in AUX_HEADS if sums.get(f"n_{h}", 0) > 0}
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, scaler=None, *, grad_accum=1,
+                    grad_clip=0.0, epoch=0, log_every=50, desc="train") -> dict:
+    """Train for one pass over `loader` on `rt`'s device and precision (`scaler`: the stage's GradScaler or None);
+    returns mean loss terms, aux accuracies, optimizer steps and speed."""
+    model.train()
+    device, autocast = rt.device, rt.autocast()
+    transform = loss_fn.transform
+    sums, n_seen, n_steps, data_time = defaultdict(float), 0, 0, 0.0
+    start = tick = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    n_batches = len(loader)
+    bar = tqdm(loader, desc=desc, leave=False, unit="batch", dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        data_time += time.perf_counter() - tick
+        target = transform.encode(batch["target"].to(device))
+        labels = _aux_labels(batch, device)
+        with autocast:
+            out = forward_batch(model, batch, device)
+        aux_logits = {h: out[h].float() for h in AUX_HEADS if h in out} or None
+        loss, terms = loss_fn(out["reg"].float(), target, aux_logits, labels if aux_logits else None)
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}: {detail}")
+        scaled = loss / grad_accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if (step + 1) % grad_accum == 0 or step + 1 == n_batches:
+            _optimizer_step(model, optimizer, scaler, grad_clip)
+            scheduler.step()
+            n_steps += 1
+        bs = target.shape[0]
+        n_seen += bs
+        for k, v in terms.items():
+            sums[k] += float(v) * bs
+        _count_correct(out, labels, sums)
+        rate = n_seen / max(1e-9, time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}", refresh=False)  # tqdm redraws on its own clock
+        if log_every and (step + 1) % log_every == 0:
+            logger.info("epoch %d step %d/%d loss %.4f lr %.2e %.1f img/s data %.1fs", epoch, step + 1, n_batches,
+                        loss.item(), optimizer.param_groups[0]["lr"], rate, data_time)
+        tick = time.perf_counter()
+    seconds = time.perf_counter() - start
+    result = {k: sums[k] / max(1, n_seen) for k in terms}
+    result.update(_accuracies(sums))
+    result.update(optimizer_steps=n_steps, seconds=seconds, samples_per_s=n_seen / max(1e-9, seconds),
+                  data_time=data_time)
+    return result
+
+
+def _optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip and grad_clip > 0 and params:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,136 @@
+"""A whole training run: the run folder, folds, every fold of --train-folds, then summary.json and the plots.
+
+`run(cfg)` is what `python -m src.train_5head` (`biomass5head train`) does once its options are parsed into a
+`RunConfig`; one fold's training is `train.trainer.FoldTrainer`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from biomass5head.config import ConfigError, RunConfig
+from biomass5head.constants import COMPETITION_WEIGHTS, TARGETS
+from biomass5head.data.datasets import build_image_cache
+from biomass5head.data.folds import FoldError, fold_summary, make_folds, read_fold_csv, write_folds
+from biomass5head.data.images import TileSpec
+from biomass5head.data.tables import load_train
+from biomass5head.device import resolve_runtime
+from biomass5head.fileio import write_json
+from biomass5head.model.checkpoint import checkpoint_name
+from biomass5head.model.five_head import build_model, describe
+from biomass5head.plots import plot_learning_curves
+from biomass5head.train.trainer import FoldTrainer
+
+logger = logging.getLogger(__name__)
+
+RUN_FILES = ("config.json", "folds.csv", "summary.json")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(output_dir: str | None) -> Path:
+    """The run folder: the given one (refused when it already holds a run) or a new timestamped one."""
+    if output_dir is None:
+        base = Path("outputs") / datetime.now().strftime("5head_%Y%m%d_%H%M%S")
+        path, n = base, 1
+        while path.exists():
+            path, n = Path(f"{base}_{n}"), n + 1
+        return path
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output-dir {path} exists and is not a folder")
+    if path.is_dir():
+        held = [f for f in RUN_FILES if (path / f).exists()] + sorted(p.name for p in path.glob("5head_best_fold*.pth"))
+        if held:
+            raise ConfigError(f"--output-dir {path} already holds a run ({', '.join(held[:4])}): "
+                              "choose a new folder so earlier results are not overwritten")
+    return path
+
+
+def assign_folds(cfg: RunConfig, df: pd.DataFrame) -> np.ndarray:
+    """Folds from --fold-csv when given (it overrides --cv-strategy), otherwise from the CV strategy."""
+    d = cfg.data
+    if d.fold_csv:
+        logger.info("folds from %s (overrides --cv-strategy)", d.fold_csv)
+        return read_fold_csv(d.fold_csv, df, d.num_folds)
+    return make_folds(df, d.cv_strategy, d.num_folds, cfg.seed)
+
+
+def check_backbone(cfg: RunConfig) -> None:
+    """Build the model once before anything is written, so missing weights or a bad name fail fast."""
+    model = build_model(cfg)
+    logger.info("model: %s (%s weights); %s", cfg.model.backbone, cfg.model.backbone_weights or
+                ("pretrained" if cfg.model.pretrained else "random"), describe(model))
+    del model
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train every fold of --train-folds; returns the summary also written to summary.json."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise ConfigError(f"torchrun with {world_size} processes: multi-GPU training is not supported yet; "
+                          "run a single process")
+    rt = resolve_runtime(cfg.device_type, cfg.train.amp_dtype, cfg.data.num_workers)
+    out_dir = prepare_output_dir(cfg.output_dir)
+    df = load_train(cfg.data.base_path)
+    folds = assign_folds(cfg, df)
+    missing = [k for k in cfg.data.train_folds if not (folds == k).any()]
+    if missing:
+        raise FoldError(f"--train-folds {missing}: no images in those folds")
+    logger.info("%d images, %d folds, mode %s, device %s, precision %s, %d DataLoader workers", len(df),
+                cfg.data.num_folds, cfg.train.mode, rt.device, rt.precision.name, rt.num_workers)
+    logger.info("folds:\n%s", fold_summary(df, folds))
+    seed_everything(cfg.seed)
+    check_backbone(cfg)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {**cfg.to_dict(), "runtime": rt.record()}  # config.json, also inside every checkpoint
+    write_json(out_dir / "config.json", record)
+    write_folds(out_dir / "folds.csv", df, folds)
+    logger.info("run folder: %s", out_dir)
+    tiles = TileSpec(cfg.model.grid, cfg.model.img_size)  # decoding only: mean and std do not matter here
+    cache = build_image_cache(df["abs_path"], tiles) if cfg.data.cache_images else None
+
+    results, logs = [], {}
+    for fold in cfg.data.train_folds:
+        seed_everything(cfg.fold_seed(fold))
+        start = time.perf_counter()
+        trainer = FoldTrainer(cfg, fold, df[folds != fold], df[folds == fold], rt, out_dir, image_cache=cache,
+                              config_record=record)
+        result = trainer.run()
+        result["seconds"] = time.perf_counter() - start
+        results.append(result)
+        logs[fold] = pd.DataFrame(trainer.rows)
+        logger.info("fold %d: best weighted R2 %.4f at epoch %d (training-mean baseline %.4f) -> %s", fold,
+                    result["best_score"], result["best_epoch"], result["baseline_train_mean_r2"],
+                    checkpoint_name(fold))
+    summary = summarize(results, cfg)
+    write_json(out_dir / "summary.json", summary)
+    plot_learning_curves(logs, out_dir / "learning_curves.png")
+    logger.info("mean best weighted R2 over folds %s: %.4f (baseline %.4f); outputs in %s",
+                list(cfg.data.train_folds), summary["mean_best_score"], summary["mean_baseline_train_mean_r2"], out_dir)
+    return summary
+
+
+def summarize(results: list[dict], cfg: RunConfig) -> dict:
+    """summary.json: best score per fold and their mean, with the training-mean baseline beside them."""
+    return {
+        "folds": {str(r["fold"]): r for r in results},
+        "mean_best_score": float(np.mean([r["best_score"] for r in results])),
+        "mean_baseline_train_mean_r2": float(np.mean([r["baseline_train_mean_r2"] for r in results])),
+        "metric": "global weighted R2 (grams, post-processed), weights "
+                  + ", ".join(f"{t} {w}" for t, w in zip(TARGETS, COMPETITION_WEIGHTS, strict=True)),
+        "train_folds": list(cfg.data.train_folds),
+    }
