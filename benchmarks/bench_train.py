@@ -77,10 +77,12 @@ def run_mode(mode: str, dtype_name: str, preset: dict, data: Path, cache_dir: Pa
     import torch
 
     from biomass5head.data.datasets import BiomassDataset, FeatureDataset, make_loader
-    from biomass5head.data.feature_cache import FeatureCache, autocast_key, ensure_features, state_dict_digest
+    from biomass5head.data.feature_cache import FeatureCache, ensure_features, state_dict_digest
+    from biomass5head.data.images import TileSpec
     from biomass5head.data.tables import load_train
-    from biomass5head.device import autocast_context, configure_cpu_threads
-    from biomass5head.model.five_head import FiveHeadModel, create_backbone
+    from biomass5head.device import Precision, Runtime, configure_cpu_threads
+    from biomass5head.model.backbone import create_backbone
+    from biomass5head.model.five_head import FiveHeadModel
     from biomass5head.model.targets import TargetTransform
     from biomass5head.train.engine import train_one_epoch
     from biomass5head.train.losses import BiomassLoss
@@ -91,13 +93,13 @@ def run_mode(mode: str, dtype_name: str, preset: dict, data: Path, cache_dir: Pa
     df = load_train(data).iloc[:photos]
     model = FiveHeadModel(create_backbone(preset["backbone"], preset["img_size"], pretrained=False))
     model.set_backbone_trainable(mode == "full_finetune")
-    cpu = torch.device("cpu")
-    autocast = autocast_context(cpu, None if dtype_name == "float32" else torch.bfloat16)
-    mean, std = model.mean_std
+    rt = Runtime(torch.device("cpu"), Precision(dtype_name, getattr(torch, dtype_name) if dtype_name != "float32"
+                                                else None, "benchmark"), 0)
     grid, size, bs = preset["grid"], preset["img_size"], preset["batch_size"]
+    tiles = TileSpec(tuple(grid), size, *model.mean_std)
     cache = FeatureCache(cache_dir, backbone=preset["backbone"], weights_digest=state_dict_digest(model.backbone),
-                         img_size=size, grid=grid, compute_dtype=autocast_key(autocast))
-    kw = dict(grid=grid, img_size=size, mean=mean, std=std, device=cpu, autocast=autocast, batch_size=bs)
+                         tiles=tiles, compute_dtype=rt.dtype_name)
+    kw = dict(tiles=tiles, runtime=rt, batch_size=bs)
     tiles_per_photo = 2 * grid[0] * grid[1]
     if mode == "cache_build":
         gemm, gemm_n = gemm_rate(dtype_name)
@@ -114,7 +116,7 @@ def run_mode(mode: str, dtype_name: str, preset: dict, data: Path, cache_dir: Pa
         table = ensure_features(cache, model, df["abs_path"], ["id"], **kw)  # built by the cache_build mode
         dataset = FeatureDataset(df, table, ["id"])
     else:
-        dataset = BiomassDataset(df, grid, size, mean, std)
+        dataset = BiomassDataset(df, tiles)
     loader = make_loader(dataset, batch_size=bs, shuffle=True, num_workers=0, prefetch_factor=1, seed=0)
     transform = TargetTransform.fit(df[["Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g", "GDM_g", "Dry_Total_g"]]
                                     .to_numpy(), log_target=True)
@@ -122,9 +124,8 @@ def run_mode(mode: str, dtype_name: str, preset: dict, data: Path, cache_dir: Pa
     optimizer = build_optimizer(model, stage, 0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if mode == "frozen_cached":  # one warm-up epoch: the first batches pay one-off costs
-        train_one_epoch(model, loader, BiomassLoss(transform), optimizer, scheduler, cpu, autocast, log_every=0)
-    result = train_one_epoch(model, loader, BiomassLoss(transform), optimizer, scheduler, cpu, autocast,
-                             log_every=0, desc=mode)
+        train_one_epoch(model, loader, BiomassLoss(transform), optimizer, scheduler, rt, log_every=0)
+    result = train_one_epoch(model, loader, BiomassLoss(transform), optimizer, scheduler, rt, log_every=0, desc=mode)
     return {"samples_per_s": result["samples_per_s"], "seconds": result["seconds"], "peak_rss_gb": _peak_gb()}
 
 

@@ -12,14 +12,14 @@ import logging
 import sys
 from pathlib import Path
 
-from biomass5head.cli.common import run_command
+from biomass5head.cli.common import prog, run_command
 from biomass5head.data.tables import DataError, load_test, load_train, summarize_train
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.data", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("python -m src.data"), description=__doc__.splitlines()[0])
     p.add_argument("base_path", help="data folder holding train.csv, train/ (and optionally test.csv, test/)")
     return p
 
@@ -43,9 +43,4 @@ def check(base: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: check(Path(args.base_path)), logger)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_command(build_parser(), argv, lambda args: check(Path(args.base_path)), logger)

@@ -16,6 +16,19 @@ from biomass5head.model.backbone import WeightsUnavailable
 # 2, no traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, WeightsUnavailable)
 RUN_VALUE = "default: the run's value"
+_invoked_as: str | None = None  # "biomass5head eval" when the console script dispatched the command
+
+
+def prog(spec_command: str) -> str:
+    """A parser's program name: how the command was invoked (the spec's `python -m src.X` unless the `biomass5head`
+    console script dispatched it)."""
+    return _invoked_as or spec_command
+
+
+def invoked_as(name: str | None) -> None:
+    """Record that the console script runs `name` (None: back to the spec's names)."""
+    global _invoked_as
+    _invoked_as = name
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -42,12 +55,14 @@ def setup_logging() -> None:
         root.addHandler(handler)
 
 
-def run_command(work: Callable[[], object], logger: logging.Logger) -> int:
-    """Set up logging and call `work()`; a user error becomes one logged line and exit code 2. Returns `work`'s
-    result when it is an exit code (an int), else 0."""
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, work: Callable[[argparse.Namespace], object],
+                logger: logging.Logger) -> int:
+    """Every command's `main`: parse `argv`, set up logging and call `work(args)`; a user error becomes one logged
+    line and exit code 2. Returns `work`'s result when it is an exit code (an int), else 0."""
+    args = parser.parse_args(argv)
     setup_logging()
     try:
-        code = work()
+        code = work(args)
     except USER_ERRORS as exc:
         logger.error("%s", exc)
         return 2

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from biomass5head.cli.common import RUN_VALUE, add_inference_arguments, run_command
+from biomass5head.cli.common import RUN_VALUE, add_inference_arguments, prog, run_command
 from biomass5head.infer.oof import evaluate
 
 logger = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """The eval_5head_oof parser: the reference's options; `None` defaults mean 'take the run's value'."""
-    p = argparse.ArgumentParser(prog="python -m src.eval_5head_oof", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("python -m src.eval_5head_oof"), description=__doc__.splitlines()[0])
     add_inference_arguments(p, data_help="folder with train.csv and train/")
     g = p.add_argument_group("Model (must match training; left out: the run's value)")
     g.add_argument("--backbone", default=None, help=f"timm name; a different architecture is an error ({RUN_VALUE})")
@@ -42,9 +41,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: evaluate(args.model_dir, vars(args)), logger)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_command(build_parser(), argv, lambda args: evaluate(args.model_dir, vars(args)), logger)

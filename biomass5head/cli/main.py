@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from biomass5head.cli import common
+
 # command -> (module under biomass5head.cli, one line of help). Modules are imported only when their command runs,
 # so `biomass5head --help` answers without loading torch.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"biomass5head: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"biomass5head.cli.{COMMANDS[name][0]}")
-    sys.argv[0] = f"biomass5head {name}"
-    return module.main(rest)
+    common.invoked_as(f"biomass5head {name}")
+    try:
+        return module.main(rest)
+    finally:
+        common.invoked_as(None)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from biomass5head.cli.common import add_inference_arguments, run_command
+from biomass5head.cli.common import add_inference_arguments, prog, run_command
 from biomass5head.infer.submission import run_predict
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.predict", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("python -m src.predict"), description=__doc__.splitlines()[0])
     paths = add_inference_arguments(p, data_help="folder with test.csv and its photos")
     paths.add_argument("--images", default=None, metavar="DIR", help="predict every .jpg/.jpeg/.png in DIR instead of "
                        "test.csv")
@@ -34,9 +33,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run_predict(args.model_dir, vars(args), args.images, args.out), logger)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_command(build_parser(), argv, lambda a: run_predict(a.model_dir, vars(a), a.images, a.out), logger)

@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from biomass5head.cli.common import run_command
+from biomass5head.cli.common import prog, run_command
 from biomass5head.infer.report import build_report
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("python -m src.report"), description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", required=True, help="an evaluated run folder")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: print(build_report(Path(args.model_dir)), flush=True), logger)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_command(build_parser(), argv, lambda args: print(build_report(Path(args.model_dir)), flush=True), logger)

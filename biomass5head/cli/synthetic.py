@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from biomass5head.cli.common import run_command
+from biomass5head.cli.common import prog, run_command
 from biomass5head.synthetic.generate import NUM_FOLDS
 from biomass5head.synthetic.write import plot_examples, summary, write_atomically
 
@@ -50,7 +50,7 @@ def _count(minimum: int):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    p = argparse.ArgumentParser(prog="python -m src.make_synthetic", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("python -m src.make_synthetic"), description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder to write the data set into (created)")
     p.add_argument("--n-train", type=_count(NUM_FOLDS), default=357, help="training images (default 357)")
     p.add_argument("--n-test", type=_count(0), default=20, help="test images (default 20)")
@@ -81,9 +81,4 @@ def make(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: make(args), logger)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_command(build_parser(), argv, make, logger)

