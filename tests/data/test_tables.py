@@ -15,7 +15,7 @@ from biomass5head.cli.check import main
 from biomass5head.constants import IGNORE_INDEX, MONTHS, SPECIES_GROUPS, STATES, TARGETS
 from biomass5head.data.tables import TEST_COLUMNS, TRAIN_COLUMNS, DataError, load_test, load_train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Metadata of three tiny images; targets are (Green, Dead, Clover, GDM, Total) in TARGETS order.
 IMAGES = [
     dict(id="ID003", date="2015/9/4", state="Tas", species="WhiteClover", ndvi="0.62", height="4.6667",

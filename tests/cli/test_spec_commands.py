@@ -24,7 +24,7 @@ from biomass5head.data.tables import load_train
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BACKBONE = "vit_small_patch14_reg4_dinov2.lvd142m"
 CPU_ARGS = ["--device-type", "cpu", "--no-pretrained", "--img-size", "28", "--num-workers", "0", "--batch-size", "4",
             "--backbone", BACKBONE]
