@@ -10,11 +10,10 @@ import logging
 import sys
 from collections.abc import Callable
 
-from biomass5head.model.backbone import WeightsUnavailable
-
-# What a user can cause and fix (a bad file, option, run folder or missing weights): one logged line and exit code
-# 2, no traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, WeightsUnavailable)
+# What a user can cause and fix: a bad file, option or run folder (ValueError and its subclasses: ConfigError,
+# DataError, FoldError, RunError, ImageReadError), a missing file or weights (OSError, WeightsUnavailable), a
+# diverging loss (FloatingPointError). One logged line and exit code 2; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
 RUN_VALUE = "default: the run's value"
 _invoked_as: str | None = None  # "biomass5head eval" when the console script dispatched the command
 

@@ -20,7 +20,6 @@ import argparse
 import logging
 
 from biomass5head.cli.common import RUN_VALUE, add_inference_arguments, prog, run_command
-from biomass5head.infer.oof import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -40,5 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def evaluate_command(args: argparse.Namespace) -> dict:
+    from biomass5head.infer.oof import evaluate  # here, so that --help answers without loading torch
+
+    return evaluate(args.model_dir, vars(args))
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, lambda args: evaluate(args.model_dir, vars(args)), logger)
+    return run_command(build_parser(), argv, evaluate_command, logger)

@@ -17,7 +17,6 @@ import argparse
 import logging
 
 from biomass5head.cli.common import add_inference_arguments, prog, run_command
-from biomass5head.infer.submission import run_predict
 
 logger = logging.getLogger(__name__)
 
@@ -32,5 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def predict_command(args: argparse.Namespace):
+    from biomass5head.infer.submission import run_predict  # here, so that --help answers without loading torch
+
+    return run_predict(args.model_dir, vars(args), args.images, args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, lambda a: run_predict(a.model_dir, vars(a), a.images, a.out), logger)
+    return run_command(build_parser(), argv, predict_command, logger)

@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 
 from biomass5head.cli.common import prog, run_command
-from biomass5head.infer.report import build_report
 
 logger = logging.getLogger(__name__)
 
@@ -26,5 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report_command(args: argparse.Namespace) -> None:
+    from biomass5head.infer.report import build_report  # here, so that --help answers without loading torch
+
+    print(build_report(Path(args.model_dir)), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, lambda args: print(build_report(Path(args.model_dir)), flush=True), logger)
+    return run_command(build_parser(), argv, report_command, logger)

@@ -32,7 +32,6 @@ from biomass5head.config import (
     TrainConfig,
 )
 from biomass5head.constants import CV_STRATEGIES
-from biomass5head.train.run import run
 
 logger = logging.getLogger(__name__)
 
@@ -188,5 +187,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def train_command(args: argparse.Namespace) -> dict:
+    from biomass5head.train.run import run  # here, so that --help answers without loading torch
+
+    return run(config_from_args(args))
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, lambda args: run(config_from_args(args)), logger)
+    return run_command(build_parser(), argv, train_command, logger)

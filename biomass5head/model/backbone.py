@@ -29,7 +29,7 @@ OFFLINE_HINT = (
 )
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(OSError):
     """Pretrained weights that are neither on disk nor reachable: the message says how to supply a file."""
 
 

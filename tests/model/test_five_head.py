@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from biomass5head.fileio import file_sha256
 from biomass5head.model import backbone as backbone_mod
-from biomass5head.model.backbone import create_backbone
+from biomass5head.model.backbone import WeightsUnavailable, create_backbone
 from biomass5head.model.five_head import FiveHeadModel, describe
 
 NAME = "vit_small_patch14_reg4_dinov2.lvd142m"
@@ -253,7 +253,7 @@ def empty_hf_home(tmp_path, monkeypatch):
 def test_pretrained_offline_fails_fast(empty_hf_home, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(WeightsUnavailable) as err:
         create_backbone(NAME, 28, pretrained=True)
     assert time.monotonic() - start < 5
     for hint in ("--backbone-weights", "--no-pretrained", "import-imgfocus", "HF_HUB_OFFLINE"):
@@ -262,7 +262,7 @@ def test_pretrained_offline_fails_fast(empty_hf_home, monkeypatch):
 
 def test_pretrained_unreachable_hub_fails_fast(empty_hf_home, monkeypatch):
     monkeypatch.setattr(backbone_mod, "_reachable", lambda host, **kw: False)
-    with pytest.raises(RuntimeError, match="--no-pretrained") as err:
+    with pytest.raises(WeightsUnavailable, match="--no-pretrained") as err:
         create_backbone(NAME, 28, pretrained=True)
     assert "huggingface.co" in str(err.value) and "--backbone-weights" in str(err.value)
 
