@@ -210,7 +210,7 @@ class RunConfig:
                "(it uses the heads' State/Month/Species probabilities)")
 
     def fold_seed(self, fold: int) -> int:
-        """The seed of everything random in one fold (initialisation, shuffling, augmentation, mixing)."""
+        """The seed of one fold's data pipeline: shuffling, augmentation and mixing."""
         return self.seed + 100 * fold
 
     def to_dict(self) -> dict:

@@ -105,7 +105,7 @@ def run(cfg: RunConfig) -> dict:
 
     results, logs = [], {}
     for fold in cfg.data.train_folds:
-        seed_everything(cfg.fold_seed(fold))
+        seed_everything(cfg.seed + fold)  # the heads' initialisation; data pipelines use cfg.fold_seed(fold)
         start = time.perf_counter()
         trainer = FoldTrainer(cfg, fold, df[folds != fold], df[folds == fold], rt, out_dir, image_cache=cache,
                               config_record=record)
