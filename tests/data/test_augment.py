@@ -83,12 +83,16 @@ def test_geometry_shared_by_both_views(shape, stereo_correct):
     assert len(corners) >= 3  # flips really happen, and not always together
 
 
-def test_stereo_correct_photometry_differs_between_views():
+def augmented_twins(stereo_correct: bool, n: int = 20) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """A flat view and n full-strength augmentations of it used as both stereo views."""
     view = flat_view()
-    aug = StereoAugment(aug_prob=1.0, stereo_correct=True, seed=11)
+    aug = StereoAugment(aug_prob=1.0, stereo_correct=stereo_correct, seed=11)
+    return view, [aug(view, view.copy()) for _ in range(n)]
+
+
+def test_stereo_correct_photometry_differs_between_views():
     differing = 0
-    for _ in range(20):
-        out_l, out_r = aug(view, view.copy())
+    for out_l, out_r in augmented_twins(stereo_correct=True)[1]:
         assert marker_corner(out_l) == marker_corner(out_r)
         # Noise drawn per view: the pixel-wise difference is not zero even where the brightness happens to match.
         differing += not np.array_equal(out_l, out_r)
@@ -98,11 +102,9 @@ def test_stereo_correct_photometry_differs_between_views():
 
 
 def test_non_stereo_correct_photometry_identical_on_identical_views():
-    view = flat_view()
-    aug = StereoAugment(aug_prob=1.0, stereo_correct=False, seed=11)
+    view, twins = augmented_twins(stereo_correct=False)
     changed = 0
-    for _ in range(20):
-        out_l, out_r = aug(view, view.copy())
+    for out_l, out_r in twins:
         assert np.array_equal(out_l, out_r)
         changed += not np.array_equal(out_l, view)
     assert changed >= 15
