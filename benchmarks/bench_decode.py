@@ -1,4 +1,4 @@
-"""Throughput of photo decoding and tiling (src/images.py) on synthetic 2000x1000 JPEGs.
+"""Throughput of photo decoding and tiling (biomass5head/data/images.py) on synthetic 2000x1000 JPEGs.
 
     python benchmarks/bench_decode.py --n 20 --grid 2 2 --img-sizes 518 224
 

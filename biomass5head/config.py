@@ -8,14 +8,11 @@ read a run's `RunConfig` back from its config.json and override it with `datacla
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from biomass5head.constants import CV_STRATEGIES, TARGETS
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "vit_base_patch14_reg4_dinov2.lvd142m"
 AMP_DTYPES = ("float16", "bfloat16", "float32")
@@ -209,6 +206,10 @@ class RunConfig:
                "--apply-context-adjustment needs --use-aux-heads "
                "(it uses the heads' State/Month/Species probabilities)")
 
+    def init_seed(self, fold: int) -> int:
+        """The seed of one fold's weight initialisation (the global torch / numpy / random state)."""
+        return self.seed + fold
+
     def fold_seed(self, fold: int) -> int:
         """The seed of one fold's data pipeline: shuffling, augmentation and mixing."""
         return self.seed + 100 * fold
@@ -218,19 +219,19 @@ class RunConfig:
         return _plain(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict) -> RunConfig:
-        """Inverse of to_dict; unknown keys are ignored so older checkpoints keep loading."""
+    def from_dict(cls, d: dict, base: RunConfig | None = None) -> RunConfig:
+        """Inverse of to_dict. What `d` does not hold takes `base`'s value (default: the dataclasses' defaults);
+        unknown keys are ignored so older checkpoints keep loading."""
+        base = base if base is not None else cls()
         parts = {}
         for f in dataclasses.fields(cls):
-            if f.name not in d:
-                continue
-            value = d[f.name]
-            sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-            if sub is not None and isinstance(value, dict):
-                known = {g.name for g in dataclasses.fields(sub)}
-                kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items() if k in known}
-                value = sub(**kwargs)
-            parts[f.name] = value
+            value = getattr(base, f.name)
+            given = d.get(f.name, value)
+            if dataclasses.is_dataclass(value) and isinstance(given, dict):
+                known = {g.name for g in dataclasses.fields(value)}
+                given = dataclasses.replace(value, **{k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in given.items() if k in known})
+            parts[f.name] = given
         return cls(**parts)
 
 

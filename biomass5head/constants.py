@@ -1,6 +1,9 @@
 """Names and label spaces shared by every module: targets, their weights, and the auxiliary classes."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 # The five targets, in this order everywhere (heads, --target-weights, outputs).
 TARGETS: tuple[str, ...] = ("Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g", "GDM_g", "Dry_Total_g")
 TARGET_SHORT: tuple[str, ...] = ("Green", "Dead", "Clover", "GDM", "Total")
@@ -39,12 +42,6 @@ SPECIES_TO_GROUP: dict[str, str] = {
 }
 IGNORE_INDEX = -1  # label value the auxiliary losses skip (unknown state, month outside MONTHS)
 
-# The auxiliary heads (--use-aux-heads), in this order everywhere: head name -> label column of the training
-# table (`data.tables.load_train`) and number of classes.
-AUX_HEADS: tuple[str, ...] = ("state", "month", "species")
-AUX_LABEL_COLUMNS: dict[str, str] = {"state": "state_idx", "month": "month_idx", "species": "species_idx"}
-AUX_CLASSES: dict[str, int] = {"state": len(STATES), "month": len(MONTHS), "species": len(SPECIES_GROUPS)}
-
 
 def species_group(species: str) -> str:
     """Group name of a raw Species string; unseen strings fall into "Other"."""
@@ -63,3 +60,22 @@ def state_index(state: str) -> int:
 def month_index(month: int) -> int:
     """Class index of a sampling month, IGNORE_INDEX for a month outside the competition's ten."""
     return MONTHS.index(int(month)) if int(month) in MONTHS else IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class AuxHead:
+    """One auxiliary head (--use-aux-heads): the metadata column of train.csv it predicts, its label column in the
+    training table (`data.tables.load_train`; IGNORE_INDEX where unknown), its classes in output order, and the
+    function from a metadata value to a class index."""
+    source: str
+    column: str
+    classes: tuple
+    to_index: Callable[[object], int]
+
+
+# The auxiliary heads, in this order everywhere (model outputs, losses, accuracies, context adjustment).
+AUX_HEADS: dict[str, AuxHead] = {
+    "state": AuxHead("State", "state_idx", STATES, state_index),
+    "month": AuxHead("month", "month_idx", MONTHS, month_index),
+    "species": AuxHead("Species", "species_idx", SPECIES_GROUPS, species_index),
+}

@@ -40,3 +40,11 @@ def tiny_run(tiny_data, tmp_path_factory):
                "--use-aux-heads", *TINY_TRAIN_ARGS])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def head_only(tiny_data, tmp_path_factory):
+    """Two head-only runs (folds 0 and 1, --aug-prob 0) sharing one feature cache (tests/cache_runs.py)."""
+    from cache_runs import head_only_runs
+
+    return head_only_runs(tiny_data, tmp_path_factory.mktemp("head_only"))

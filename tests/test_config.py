@@ -1,5 +1,6 @@
-"""Tests of src.config: every option of the reference with its default, the resolved RunConfig, clipping and
-mode rules, and bad values refused with a message that names the option (also through `main`, exit code 2)."""
+"""Tests of config.py and the train parser (cli/train.py): every option of the reference with its default, the resolved
+RunConfig, clipping and mode rules, and bad values refused with a message that names the option (also through
+`main`, exit code 2)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Tests of src.metrics: the global weighted R2 and the per-target scores."""
+"""Tests of metrics.py: the global weighted R2 and the per-target scores."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
-"""Check a data folder: every problem of train.csv (and test.csv when present) with its file, line and value, or
-a short summary of what is there.
+"""Check a data folder (train.csv, test.csv and their photos) and print a summary or every problem.
+
+Every problem of train.csv (and of test.csv when present) is listed with its file, line and value.
 
     python -m src.data /path/to/csiro-biomass        # or: biomass5head check /path/to/csiro-biomass
 

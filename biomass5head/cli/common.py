@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 # What a user can cause and fix: a bad file, option or run folder (ValueError and its subclasses: ConfigError,
 # DataError, FoldError, RunError, ImageReadError), a missing file or weights (OSError, WeightsUnavailable), a
-# diverging loss (FloatingPointError). One logged line and exit code 2; anything else is a bug and keeps its traceback.
+# diverging loss (FloatingPointError); training turns a device out of memory into a ConfigError. One logged line and
+# exit code 2; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
 RUN_VALUE = "default: the run's value"
 _invoked_as: str | None = None  # "biomass5head eval" when the console script dispatched the command
@@ -68,18 +69,19 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, work: C
     return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
-def add_inference_arguments(p: argparse.ArgumentParser, *, data_help: str) -> argparse._ArgumentGroup:
-    """The options eval and predict share: --model-dir and --data-dir (group "Paths", returned so a command adds its
-    own paths), and --batch-size, --num-workers, --device, --feature-cache, --tta and --derive-dead ("Inference").
-    Options left out (None) take the run's value."""
+def add_inference_arguments(p: argparse.ArgumentParser, *, model_dir_help: str, data_dir_help: str
+                            ) -> tuple[argparse._ArgumentGroup, argparse._ArgumentGroup]:
+    """The options eval and predict share, in two groups returned for the command's own options: "Paths"
+    (--model-dir, --data-dir) and "Inference" (--batch-size, --num-workers, --device, --feature-cache,
+    --no-feature-cache, --tta, --derive-dead). Options left out (None) take the run's value."""
     paths = p.add_argument_group("Paths")
-    paths.add_argument("--model-dir", required=True,
-                       help="run folder with 5head_best_fold{k}.pth (and folds.csv, config.json)")
-    paths.add_argument("--data-dir", default=None, help=f"{data_help} (default: the run's --base-path, else ./data)")
+    paths.add_argument("--model-dir", required=True, help=model_dir_help)
+    paths.add_argument("--data-dir", default=None,
+                       help=f"{data_dir_help} (default: the run's --base-path, else ./data)")
     g = p.add_argument_group("Inference")
-    g.add_argument("--batch-size", type=int, default=None, help=f"images per batch ({RUN_VALUE})")
-    g.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers ({RUN_VALUE}; none recorded: "
-                   "4 on a GPU, one per 4 cores on a CPU)")
+    g.add_argument("--batch-size", type=int, default=None, help=f"images per batch ({RUN_VALUE}, else 4)")
+    g.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers ({RUN_VALUE}, else 4 on a GPU "
+                   "and one per 4 cores on a CPU)")
     g.add_argument("--device", default=None, choices=("cuda", "mps", "cpu"), help="default: auto-detect")
     g.add_argument("--feature-cache", default=None, metavar="DIR",
                    help="frozen-feature cache folder (default: the run's, else <data-dir>/.feature_cache)")
@@ -87,4 +89,4 @@ def add_inference_arguments(p: argparse.ArgumentParser, *, data_help: str) -> ar
     g.add_argument("--tta", action="store_true", help="average original, horizontal and vertical flips (in grams)")
     g.add_argument("--derive-dead", action="store_true",
                    help="Dead = max(0, Total - GDM) after the run's post-processing")
-    return paths
+    return paths, g

@@ -27,15 +27,17 @@ logger = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     """The eval_5head_oof parser: the reference's options; `None` defaults mean 'take the run's value'."""
     p = argparse.ArgumentParser(prog=prog("python -m src.eval_5head_oof"), description=__doc__.splitlines()[0])
-    add_inference_arguments(p, data_help="folder with train.csv and train/")
+    _, inference = add_inference_arguments(
+        p, model_dir_help="run folder with 5head_best_fold{k}.pth, folds.csv, config.json",
+        data_dir_help="folder with train.csv and train/")
+    inference.add_argument("--num-folds", type=int, default=None, help="must agree with folds.csv (default: its count)")
     g = p.add_argument_group("Model (must match training; left out: the run's value)")
     g.add_argument("--backbone", default=None, help=f"timm name; a different architecture is an error ({RUN_VALUE})")
     g.add_argument("--grid", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"), help=f"tile grid ({RUN_VALUE})")
     g.add_argument("--dropout", type=float, default=None, help="accepted for compatibility: no effect at inference")
     g.add_argument("--hidden-ratio", type=float, default=None, help=f"head hidden ratio ({RUN_VALUE})")
     g.add_argument("--img-size", type=int, default=None, help=f"tile size; may differ from training, with a "
-                   f"warning ({RUN_VALUE})")
-    g.add_argument("--num-folds", type=int, default=None, help="must agree with folds.csv (default: its count)")
+                   f"warning ({RUN_VALUE}, else 518)")
     return p
 
 

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog("python -m src.predict"), description=__doc__.splitlines()[0])
-    paths = add_inference_arguments(p, data_help="folder with test.csv and its photos")
+    paths, _ = add_inference_arguments(p, model_dir_help="run folder with 5head_best_fold{k}.pth (and config.json)",
+                                       data_dir_help="folder with test.csv and its photos")
     paths.add_argument("--images", default=None, metavar="DIR", help="predict every .jpg/.jpeg/.png in DIR instead of "
                        "test.csv")
     paths.add_argument("--out", default=None, metavar="FILE", help="output CSV (default: RUN/submission.csv, or "

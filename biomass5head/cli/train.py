@@ -188,7 +188,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def train_command(args: argparse.Namespace) -> dict:
-    from biomass5head.train.run import run  # here, so that --help answers without loading torch
+    from biomass5head.train.kfold import run  # here, so that --help answers without loading torch
 
     return run(config_from_args(args))
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
-from biomass5head.constants import AUX_LABEL_COLUMNS, IGNORE_INDEX, TARGETS
+from biomass5head.constants import AUX_HEADS, IGNORE_INDEX, TARGETS
 from biomass5head.data.images import TileSpec, load_views
 
 logger = logging.getLogger(__name__)
@@ -22,8 +22,8 @@ def targets_and_labels(df) -> tuple[np.ndarray, dict]:
     n = len(df)
     has_targets = all(t in df.columns for t in TARGETS)
     targets = df[list(TARGETS)].to_numpy(np.float32) if has_targets else np.zeros((n, len(TARGETS)), np.float32)
-    labels = {head: (df[col].to_numpy(np.int64) if col in df.columns else np.full(n, IGNORE_INDEX, np.int64))
-              for head, col in AUX_LABEL_COLUMNS.items()}
+    labels = {head: (df[aux.column].to_numpy(np.int64) if aux.column in df.columns
+                     else np.full(n, IGNORE_INDEX, np.int64)) for head, aux in AUX_HEADS.items()}
     return targets, labels
 
 

@@ -198,9 +198,7 @@ def tile_view(view: np.ndarray, grid: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(tiles.reshape(rows * cols, tile_h, tile_w, channels))
 
 
-def tiles_to_tensor(
-    tiles: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> torch.Tensor:
+def tiles_to_tensor(tiles: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 tiles ``(T, S, S, 3)`` to a float32 tensor ``(T, 3, S, S)``: ``(x / 255 - mean) / std``.
 
     ``mean`` and ``std`` are per-channel in 0-1 units, as timm's ``resolve_data_config`` gives them.
@@ -227,17 +225,13 @@ class TileSpec:
     `img_size` px tiles per view, normalised with the backbone's per-channel `mean` and `std` (0-1 units)."""
     grid: tuple[int, int]
     img_size: int
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     def __post_init__(self):
         object.__setattr__(self, "grid", _check_grid(self.grid))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-
-    @property
-    def tiles_per_view(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     def to_tensor(self, view: np.ndarray) -> torch.Tensor:
         """One uint8 view as normalised tiles (T, 3, S, S)."""

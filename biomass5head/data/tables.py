@@ -13,15 +13,12 @@ from pathlib import Path
 import pandas as pd
 
 from biomass5head.constants import (
-    AUX_LABEL_COLUMNS,
+    AUX_HEADS,
     MONTHS,
     SPECIES_TO_GROUP,
     STATES,
     TARGETS,
-    month_index,
     species_group,
-    species_index,
-    state_index,
 )
 
 log = logging.getLogger(__name__)
@@ -205,9 +202,8 @@ def _to_wide(df: pd.DataFrame, values: pd.DataFrame) -> pd.DataFrame:
     wide["month"] = first["month"].astype(int)
     wide = wide.sort_index().rename_axis("sample_id_prefix").reset_index()
     wide["species_group"] = wide["Species"].map(species_group).astype(object)
-    for head, source, index in (("state", "State", state_index), ("month", "month", month_index),
-                                ("species", "Species", species_index)):
-        wide[AUX_LABEL_COLUMNS[head]] = wide[source].map(index).astype(int)
+    for aux in AUX_HEADS.values():
+        wide[aux.column] = wide[aux.source].map(aux.to_index).astype(int)
     wide["abs_path"] = wide["sample_id_prefix"].map(first["_abs_path"]).astype(object)
     for col in ("sample_id_prefix", "image_path", "Sampling_Date", "State", "Species"):
         wide[col] = wide[col].astype(object)

@@ -5,7 +5,6 @@ regression on the same frozen features, with links to the plots and the submissi
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,10 @@ from biomass5head.constants import TARGET_SHORT, TARGETS
 from biomass5head.data.feature_cache import ensure_features
 from biomass5head.data.tables import load_train
 from biomass5head.fileio import atomic_path, write_json
+from biomass5head.infer.fold_model import fold_feature_cache, load_fold_model
 from biomass5head.infer.linear_probe import ridge_oof
-from biomass5head.infer.run import RunError, fold_feature_cache, load_fold_model, open_run, resolve_options, runtime
+from biomass5head.infer.run_folder import RunError, open_run, resolve_options, runtime
 from biomass5head.metrics import compute_metrics
-
-logger = logging.getLogger(__name__)
 
 
 def probe_features(run, df: pd.DataFrame) -> np.ndarray:

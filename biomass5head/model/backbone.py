@@ -111,12 +111,12 @@ def _create_pretrained(name: str, img_size: int) -> nn.Module:
         logger.info("backbone %s: weights from the Hugging Face cache (%s)", name, cached)
         return _create_from_file(name, img_size, Path(cached))
     if _offline():
-        raise WeightsUnavailable(f"Pretrained weights for {name} are not in the Hugging Face cache and HF_HUB_OFFLINE "
-                           f"is set. {OFFLINE_HINT}")
+        raise WeightsUnavailable(f"Pretrained weights for {name} are not in the Hugging Face cache and "
+                                 f"HF_HUB_OFFLINE is set. {OFFLINE_HINT}")
     host = _hub_host() if hub_id else urlparse(getattr(cfg, "url", "") or "").hostname
     if not host or not _reachable(host):
         raise WeightsUnavailable(f"Pretrained weights for {name} are not cached and {host or 'the weights server'} "
-                           f"cannot be reached within {HUB_PROBE_TIMEOUT_S:.0f} s. {OFFLINE_HINT}")
+                                 f"cannot be reached within {HUB_PROBE_TIMEOUT_S:.0f} s. {OFFLINE_HINT}")
     logger.info("backbone %s: downloading pretrained weights from %s", name, host)
     try:
         return _create(name, img_size, pretrained=True)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from biomass5head.config import RunConfig
-from biomass5head.constants import AUX_CLASSES, TARGETS
+from biomass5head.constants import AUX_HEADS, TARGETS
 from biomass5head.model.backbone import create_backbone
 
 
@@ -87,7 +87,8 @@ class FiveHeadModel(nn.Module):
             nn.LayerNorm(2 * dim), nn.Linear(2 * dim, self.hidden_dim), nn.GELU(), nn.Dropout(dropout))
         self.heads = nn.ModuleList(RegressionHead(self.hidden_dim, dropout) for _ in TARGETS)
         self.aux_heads = nn.ModuleDict(
-            {k: nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden_dim, n)) for k, n in AUX_CLASSES.items()}
+            {k: nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden_dim, len(h.classes)))
+             for k, h in AUX_HEADS.items()}
         ) if use_aux_heads else None
         self._backbone_trainable = True
         if grad_ckpt:

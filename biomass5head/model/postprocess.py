@@ -9,9 +9,7 @@ import numpy as np
 import pandas as pd
 
 from biomass5head.constants import (
-    AUX_CLASSES,
     AUX_HEADS,
-    AUX_LABEL_COLUMNS,
     CLOVER,
     DEAD,
     GDM,
@@ -79,9 +77,9 @@ def compute_context_ratios(train_df: pd.DataFrame) -> Ratios:
     for target in CONTEXT_TARGETS:
         values = train_df[target].to_numpy(dtype=np.float64)
         ratios[target] = {}
-        for head in AUX_HEADS:
-            column, n_classes = AUX_LABEL_COLUMNS[head], AUX_CLASSES[head]
-            labels = train_df[column].to_numpy(dtype=np.int64)
+        for head, aux in AUX_HEADS.items():
+            n_classes = len(aux.classes)
+            labels = train_df[aux.column].to_numpy(dtype=np.int64)
             keep = (labels != IGNORE_INDEX) & np.isfinite(values)
             head_ratios = [1.0] * n_classes
             global_mean = float(values[keep].mean()) if keep.any() else 0.0
@@ -105,7 +103,8 @@ def context_factors(probs: Probs, ratios: Ratios) -> dict[str, np.ndarray]:
     factors = {}
     for target in CONTEXT_TARGETS:
         log_sum = None
-        for head, n_classes in AUX_CLASSES.items():
+        for head, aux in AUX_HEADS.items():
+            n_classes = len(aux.classes)
             p = np.asarray(probs[head], dtype=np.float64)
             r = np.asarray(ratios[target][head], dtype=np.float64)
             if p.ndim != 2 or p.shape[1] != n_classes or r.shape != (n_classes,):

@@ -1,5 +1,6 @@
 """A model over a DataLoader: the forward pass of one batch (pixels or cached features) and batched prediction in
-grams with optional flip TTA. Training (`train.engine`, validation) and inference (`infer/`) both use it.
+grams with optional flip TTA. Training (`train.engine`, and validation in `train.trainer`) and inference
+(`infer/`) both use it.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 `generate(out_dir)` writes `train.csv` (long, five rows per image), `test.csv`, `train/*.jpg`, `test/*.jpg` and
 `trainfold.csv` (`sample_id_prefix,fold`). Metadata and targets are drawn from distributions fitted to the
-real training set (`src/synthetic_params.py`, see `scripts/derive_synthetic_params.py`); the photos are drawn
-by `src/synthetic_render.py` so that they show the targets (green, dead and clover cover, blade length).
+real training set (`synthetic/params.py`, see `scripts/derive_synthetic_params.py`); the photos are drawn
+by `synthetic/render.py` so that they show the targets (green, dead and clover cover, blade length).
 """
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, s
         scaled = loss / grad_accum
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if (step + 1) % grad_accum == 0 or step + 1 == n_batches:
-            _optimizer_step(model, optimizer, scaler, grad_clip)
+            _optimizer_step(optimizer, scaler, grad_clip)
             scheduler.step()
             n_steps += 1
         bs = target.shape[0]
@@ -93,7 +93,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, s
     return result
 
 
-def _optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
+def _optimizer_step(optimizer, scaler, grad_clip: float) -> None:
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if scaler is not None:
         scaler.unscale_(optimizer)

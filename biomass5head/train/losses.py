@@ -92,7 +92,7 @@ class BiomassLoss(nn.Module):
         if constraint_weight < 0:
             raise ValueError(f"constraint_weight must be >= 0, got {constraint_weight}")
         if aux_weights is not None and set(aux_weights) != set(AUX_HEADS):
-            raise ValueError(f"aux_weights must have exactly the keys {AUX_HEADS}, got {sorted(aux_weights)}")
+            raise ValueError(f"aux_weights must have exactly the keys {tuple(AUX_HEADS)}, got {sorted(aux_weights)}")
         self.transform = transform
         self.register_buffer("target_weights", weights, persistent=False)
         self.constraint_weight = float(constraint_weight)

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from biomass5head.config import RunConfig
-from biomass5head.constants import AUX_LABEL_COLUMNS, TARGET_SHORT, TARGETS
+from biomass5head.constants import AUX_HEADS, TARGET_SHORT, TARGETS
 from biomass5head.data.augment import StereoAugment
 from biomass5head.data.datasets import BiomassDataset, FeatureDataset, make_loader, set_epoch
 from biomass5head.data.feature_cache import FeatureCache, ensure_features, plan_feature_path, state_dict_digest
@@ -173,7 +173,7 @@ class FoldTrainer:
         post = compute_metrics(out["true"], post_pred)
         acc = {}
         for head, probs in out["probs"].items():
-            labels = self.val_df[AUX_LABEL_COLUMNS[head]].to_numpy()
+            labels = self.val_df[AUX_HEADS[head].column].to_numpy()
             valid = labels >= 0
             if valid.any():
                 acc[f"val_acc_{head}"] = float((probs.argmax(1)[valid] == labels[valid]).mean())

@@ -1,40 +1,32 @@
-"""The frozen-feature cache (`src.feature_cache`): cached tile features equal freshly computed ones, every part of
-the key misses when it changes, pre-augmented banks are reproducible, and runs, evaluation and prediction take the
-cached path where the backbone is frozen (and say so in the log).
-
-Models use timm's `test_vit` (random initialisation, patch 16, D = 64) on 32 px tiles so that everything runs in
-seconds on a CPU. Every cache lives in a temporary folder of its own (`--feature-cache DIR` for runs).
+"""The frozen-feature cache (`data/feature_cache.py`): cached tile features equal freshly computed ones, every part
+of the key misses when it changes, pre-augmented banks are reproducible, and the path a run takes is planned as
+documented. Runs on the cache are in tests/train/test_cached_training.py, evaluation and prediction in
+tests/infer/test_cached_prediction.py. Every cache lives in a temporary folder of its own.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import logging
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from cache_runs import (
+    BACKBONE,
+    F32,
+    GRID,
+    IMG,
+    bf16,
+    spies,
+)
 from PIL import Image
-from safetensors.torch import save_file
 
-import biomass5head.data.datasets
-import biomass5head.data.feature_cache
-import biomass5head.model.five_head
-import biomass5head.model.predict
-import biomass5head.train.engine
-import biomass5head.train.trainer
-from biomass5head.cli import eval as eval_5head_oof
-from biomass5head.cli import predict as predict_cli
-from biomass5head.cli import train as train_5head
 from biomass5head.cli.train import build_parser, config_from_args
 from biomass5head.constants import TARGETS
 from biomass5head.data.augment import StereoAugment, hflip_views, vflip_views
-from biomass5head.data.datasets import BiomassDataset, FeatureDataset
+from biomass5head.data.datasets import FeatureDataset
 from biomass5head.data.feature_cache import (
     FLIP_VARIANTS,
     FeatureCache,
@@ -46,113 +38,10 @@ from biomass5head.data.feature_cache import (
 )
 from biomass5head.data.images import TileSpec, load_views, tile_view, tiles_to_tensor
 from biomass5head.data.tables import load_train
-from biomass5head.device import Precision, Runtime
 from biomass5head.fileio import file_sha256
-from biomass5head.infer import run as inference
-from biomass5head.infer.oof import read_run_folds
-from biomass5head.infer.predict import finish, predict_from_cache
 from biomass5head.model.backbone import create_backbone
 from biomass5head.model.five_head import FiveHeadModel
 from biomass5head.model.predict import flip_tiles
-
-BACKBONE = "test_vit"
-IMG = 32
-GRID = (2, 2)  # several tiles per view, so that a flip must also mirror the tile order
-CPU = torch.device("cpu")
-PRED_COLS = [f"pred_{t}" for t in TARGETS]
-RUN_ARGS = ["--backbone", BACKBONE, "--img-size", str(IMG), "--grid", "1", "2", "--batch-size", "4",
-            "--num-workers", "0", "--device-type", "cpu", "--amp-dtype", "float32", "--epochs", "1",
-            "--train-folds", "0"]
-
-
-F32 = Runtime(CPU, Precision("float32", None, "tests"), 0)
-
-
-def bf16() -> Runtime:
-    """A CPU runtime that computes in bfloat16 autocast (the tensors here are small enough for any CPU)."""
-    return Runtime(CPU, Precision("bfloat16", torch.bfloat16, "tests"), 0)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Spies
-# --------------------------------------------------------------------------------------------------------------
-class _ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@dataclass
-class Record:
-    """What happened inside a `spies()` block."""
-    log: list[str] = field(default_factory=list)
-    events: list[tuple] = field(default_factory=list)  # ("epoch", n), ("pixels", path), ("cache", path) in order
-    batches: list[dict] = field(default_factory=list)  # per forward_batch: training, on features, epoch
-    datasets: list = field(default_factory=list)  # per training epoch: the train loader's dataset
-    encodes: int = 0  # FiveHeadModel.encode calls (backbone passes)
-    epoch: int = -1
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.log)
-
-    def decodes(self, kind: str) -> list[str]:
-        return [e[1] for e in self.events if e[0] == kind]
-
-    def train_batches(self, epoch: int | None = None) -> list[dict]:
-        return [b for b in self.batches if b["training"] and epoch in (None, b["epoch"])]
-
-
-@contextlib.contextmanager
-def spies():
-    """Record backbone passes, photo decodes (pixel datasets vs cache builds), batches, epochs and `src` logs."""
-    rec = Record()
-    handler = _ListHandler()
-    src_logger = logging.getLogger("biomass5head")
-    old_level = src_logger.level
-    src_logger.setLevel(logging.INFO)
-    src_logger.addHandler(handler)
-    encode = biomass5head.model.five_head.FiveHeadModel.encode
-    forward_batch = biomass5head.model.predict.forward_batch
-    train_one_epoch = biomass5head.train.trainer.train_one_epoch
-
-    def spy_encode(self, x):
-        rec.encodes += 1
-        return encode(self, x)
-
-    def spy_forward_batch(model, batch, *a, **kw):
-        rec.batches.append({"training": model.training, "feats": "left_feats" in batch, "pixels": "left" in batch,
-                            "epoch": rec.epoch})
-        return forward_batch(model, batch, *a, **kw)
-
-    def spy_train_one_epoch(model, loader, *a, **kw):
-        rec.epoch = kw.get("epoch", rec.epoch + 1)
-        rec.events.append(("epoch", rec.epoch))
-        rec.datasets.append(loader.dataset)
-        return train_one_epoch(model, loader, *a, **kw)
-
-    def decoder(kind, original):
-        def spy(path, grid, img_size):
-            rec.events.append((kind, str(path)))
-            return original(path, grid, img_size)
-        return spy
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(biomass5head.model.five_head.FiveHeadModel, "encode", spy_encode)
-        mp.setattr(biomass5head.train.engine, "forward_batch", spy_forward_batch)
-        mp.setattr(biomass5head.model.predict, "forward_batch", spy_forward_batch)
-        mp.setattr(biomass5head.train.trainer, "train_one_epoch", spy_train_one_epoch)
-        mp.setattr(biomass5head.data.datasets, "load_views", decoder("pixels", load_views))
-        mp.setattr(biomass5head.data.feature_cache, "load_views", decoder("cache", load_views))
-        try:
-            yield rec
-        finally:
-            src_logger.removeHandler(handler)
-            src_logger.setLevel(old_level)
-            rec.log = handler.messages
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -172,19 +61,19 @@ def photos(tiny_data, tmp_path) -> list[Path]:
     return [Path(shutil.copy(p, folder)) for p in sorted((tiny_data / "train").glob("*.jpg"))[:3]]
 
 
-def make_cache(root, model, *, grid=GRID, img_size=IMG, autocast=None, weights=None, aug_key="") -> FeatureCache:
+def make_cache(root, model, *, grid=GRID, img_size=IMG, rt=None, weights=None, aug_key="") -> FeatureCache:
     return FeatureCache(root, backbone=BACKBONE, weights_digest=weights or state_dict_digest(model.backbone),
                         tiles=TileSpec(grid, img_size, *model.mean_std),
-                        compute_dtype=(autocast or F32).dtype_name, aug_key=aug_key)
+                        compute_dtype=(rt or F32).dtype_name, aug_key=aug_key)
 
 
-def build(root, model, paths, variants=("id",), *, grid=GRID, img_size=IMG, autocast=None, weights=None,
+def build(root, model, paths, variants=("id",), *, grid=GRID, img_size=IMG, rt=None, weights=None,
           aug_key="", augment=None, seed=0):
     """(cache, table) of ensure_features with the cache keyed as the trainer keys it."""
-    autocast = autocast or F32
-    cache = make_cache(root, model, grid=grid, img_size=img_size, autocast=autocast, weights=weights, aug_key=aug_key)
+    rt = rt or F32
+    cache = make_cache(root, model, grid=grid, img_size=img_size, rt=rt, weights=weights, aug_key=aug_key)
     table = ensure_features(cache, model, paths, list(variants), tiles=TileSpec(grid, img_size, *model.mean_std),
-                            runtime=autocast, batch_size=4, augment=augment, seed=seed)
+                            runtime=rt, batch_size=4, augment=augment, seed=seed)
     return cache, table
 
 
@@ -200,10 +89,10 @@ def pixel_tiles(model, path, variant="id", grid=GRID, img_size=IMG) -> torch.Ten
 
 
 @torch.no_grad()
-def fresh(model, path, variant="id", autocast=None, grid=GRID, img_size=IMG) -> np.ndarray:
+def fresh(model, path, variant="id", rt=None, grid=GRID, img_size=IMG) -> np.ndarray:
     """model.encode of one photo's tiles now: (2, T, D) float32."""
     x = pixel_tiles(model, path, variant, grid, img_size)
-    with (autocast or F32).autocast():
+    with (rt or F32).autocast():
         feats = model.encode(x.flatten(0, 1))
     return feats.float().reshape(2, x.shape[1], -1).numpy()
 
@@ -252,14 +141,14 @@ def test_cached_features_equal_fresh_encode_float32(model, photos, tmp_path):
 
 
 def test_cached_features_with_bf16_autocast_match_within_bf16_tolerance(model, photos, tmp_path):
-    _, table = build(tmp_path / "cache", model, photos, FLIP_VARIANTS, autocast=bf16())
+    _, table = build(tmp_path / "cache", model, photos, FLIP_VARIANTS, rt=bf16())
     for path in photos:
         for variant in FLIP_VARIANTS:
             cached, exact = table[str(path)][variant], fresh(model, path, variant)
             # bfloat16 keeps 8 significant bits: errors of a few 2^-8 accumulate through the blocks
             np.testing.assert_allclose(cached, exact, rtol=2**-6, atol=2**-6 * np.abs(exact).max())
             assert not np.array_equal(cached, exact)  # autocast did run in bfloat16
-            np.testing.assert_allclose(cached, fresh(model, path, variant, autocast=bf16()), rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(cached, fresh(model, path, variant, rt=bf16()), rtol=1e-3, atol=1e-3)
 
 
 def test_second_call_reuses_everything_from_disk(model, photos, tmp_path):
@@ -309,7 +198,7 @@ def test_changing_any_part_of_the_key_misses_the_cache(change, model, photos, tm
         assert file_sha256(paths[0]) != before
         computed = 1  # the other photo is unchanged: still a hit
     elif change == "compute_dtype":
-        kwargs = dict(autocast=bf16())
+        kwargs = dict(rt=bf16())
     elif change == "aug_key":
         kwargs = dict(aug_key=json.dumps({"aug_prob": 0.5, "seed": 1}))
     with spies() as rec:
@@ -431,194 +320,3 @@ def test_bank_key_changes_with_seed_and_augmentation():
             plan("--freeze-backbone", "--aug-prob", "0.3").aug_key,
             plan("--freeze-backbone", "--stereo-correct-aug").aug_key}
     assert len(keys) == 4
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Runs, evaluation and prediction
-# --------------------------------------------------------------------------------------------------------------
-def train(data: Path, out: Path, cache_dir: Path, *args: str) -> Record:
-    argv = ["--base-path", str(data), *RUN_ARGS, "--output-dir", str(out), "--feature-cache", str(cache_dir), *args]
-    if "--backbone-weights" not in args:
-        argv.append("--no-pretrained")
-    with spies() as rec:
-        assert train_5head.main(argv) == 0
-    return rec
-
-
-def npy_files(folder: Path) -> list[Path]:
-    return sorted(folder.rglob("*.npy")) if folder.exists() else []
-
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory) -> Path:
-    """test_vit weights that every fold and re-run loads (random initialisation differs per fold seed)."""
-    torch.manual_seed(1234)
-    state = {k: v.contiguous() for k, v in create_backbone(BACKBONE, IMG, pretrained=False).state_dict().items()}
-    path = tmp_path_factory.mktemp("weights") / "test_vit.safetensors"
-    save_file(state, path)
-    return path
-
-
-@dataclass
-class HeadOnly:
-    first: Record
-    rerun: Record
-    out: Path
-    cache: Path
-
-
-@pytest.fixture(scope="module")
-def head_only(tiny_data, tmp_path_factory, weights_file) -> HeadOnly:
-    """A head-only run of folds 0 and 1 with --aug-prob 0, then a re-run into a new folder with the same cache."""
-    base = tmp_path_factory.mktemp("head_only")
-    args = ("--freeze-backbone", "--aug-prob", "0", "--train-folds", "0", "1", "--backbone-weights", str(weights_file))
-    first = train(tiny_data, base / "run", base / "cache", *args)
-    rerun = train(tiny_data, base / "rerun", base / "cache", *args)
-    return HeadOnly(first, rerun, base / "run", base / "cache")
-
-
-def test_head_only_run_trains_on_cached_features_without_decoding_photos_again(head_only):
-    rec = head_only.first
-    assert "feature cache: on for all epochs: original photos (--aug-prob 0); left/right swap applied on features" \
-        in rec.log
-    # built once: 30 photos x variant id, in the --feature-cache folder; one key folder
-    files = npy_files(head_only.cache)
-    assert len(files) == 30 and all(f.name.endswith("_id.npy") for f in files)
-    assert len({f.parent for f in files}) == 1 and (files[0].parent / "key.json").is_file()
-    assert any("reusing 0 entries, computing 30" in m for m in rec.log)
-    # every photo decoded exactly once, by the cache build, before the first epoch; never by a pixel dataset
-    cache_decodes = rec.decodes("cache")
-    assert sorted(cache_decodes) == sorted(set(cache_decodes)) and len(cache_decodes) == 30
-    assert rec.decodes("pixels") == []
-    first_epoch = rec.events.index(("epoch", 0))
-    assert all(e[0] == "epoch" for e in rec.events[first_epoch:])
-    # training and validation batches carry features, never pixels
-    assert rec.train_batches() and all(b["feats"] and not b["pixels"] for b in rec.batches)
-    assert all(isinstance(ds, FeatureDataset) and ds.variants == ["id"] for ds in rec.datasets)
-
-
-def test_second_fold_and_rerun_reuse_the_cache_from_disk(head_only):
-    first, rerun = head_only.first, head_only.rerun
-    # fold 1 sees the same 30 photos with the same frozen weights: nothing is computed again
-    assert sum("reused all 30 entries" in m for m in first.log) == 1
-    assert first.encodes > 0
-    assert sum("reused all 30 entries" in m for m in rerun.log) == 2  # both folds of the re-run
-    assert not any("computing" in m for m in rerun.log)
-    assert rerun.encodes == 0 and rerun.events == [("epoch", 0), ("epoch", 0)]  # no decode at all
-    assert len(npy_files(head_only.cache)) == 30
-    # a re-run from the same cache trains the same model
-    a = torch.load(head_only.out / "5head_best_fold0.pth", map_location="cpu", weights_only=True)["model"]
-    b = torch.load(head_only.out.parent / "rerun" / "5head_best_fold0.pth", map_location="cpu", weights_only=True)
-    for k, v in a.items():
-        torch.testing.assert_close(b["model"][k], v)
-
-
-@pytest.mark.parametrize("args, words", [
-    (("--freeze-backbone", "--aug-prob", "0", "--no-feature-cache"), "feature cache: off (--no-feature-cache)"),
-    (("--freeze-backbone", "--aug-prob", "0", "--cutmix-prob", "1"), "feature cache: off: MixUp/CutMix"),
-    (("--freeze-backbone", "--feature-bank", "0"), "feature cache: off (--feature-bank 0 with --aug-prob > 0)"),
-    ((), "feature cache: not used (the backbone trains from the first epoch)"),
-], ids=["no-feature-cache", "cutmix", "bank0", "single-stage"])
-def test_uncached_runs_train_on_pixels_and_leave_the_cache_folder_empty(args, words, tiny_data, tmp_path):
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    rec = train(tiny_data, tmp_path / "run", cache, *args)
-    assert any(m.startswith(words) for m in rec.log), [m for m in rec.log if "feature cache" in m]
-    assert list(cache.iterdir()) == []
-    assert rec.train_batches() and all(b["pixels"] and not b["feats"] for b in rec.batches)
-    assert all(isinstance(ds, BiomassDataset) for ds in rec.datasets)
-    assert rec.decodes("cache") == [] and rec.decodes("pixels")
-
-
-def test_two_stage_run_uses_a_feature_bank_in_stage_1_and_pixels_in_stage_2(tiny_data, tmp_path):
-    cache = tmp_path / "cache"
-    rec = train(tiny_data, tmp_path / "run", cache, "--two-stage", "--epochs", "2", "--freeze-epochs", "1",
-                "--warmup-epochs", "0", "--feature-bank", "2", "--stereo-swap-prob", "0.5")
-    assert any(m.startswith("feature cache: on for stage 1: a bank of 2 pre-augmented variants") for m in rec.log)
-    assert all(b["feats"] for b in rec.batches if b["epoch"] == 0)  # stage 1: train and val on features
-    assert all(b["pixels"] for b in rec.batches if b["epoch"] == 1)  # stage 2: the backbone trains on pixels
-    assert rec.train_batches(0) and rec.train_batches(1)
-    stage1, stage2 = rec.datasets
-    assert isinstance(stage1, FeatureDataset) and stage1.variants == ["aug0", "aug1"] and stage1.swap_prob == 0.5
-    assert isinstance(stage2, BiomassDataset)
-    # bank: 24 training photos x 2 draws under an augmentation key; originals: the 6 validation photos
-    by_folder = {}
-    for f in npy_files(cache):
-        by_folder.setdefault(f.parent, []).append(f.name.rsplit("_", 1)[1])
-    assert sorted(sorted(set(v)) + [len(v)] for v in by_folder.values()) == [["aug0.npy", "aug1.npy", 48],
-                                                                           ["id.npy", 6]]
-    bank_dir = next(d for d, v in by_folder.items() if "aug0.npy" in v)
-    assert json.loads(json.loads((bank_dir / "key.json").read_text())["aug"])["seed"] == 18
-    # cache builds happen before stage 1; pixel decodes only from stage 2 on
-    first = rec.events.index(("epoch", 0))
-    assert {e[0] for e in rec.events[:first]} == {"cache"} and len({e[1] for e in rec.events[:first]}) == 30
-    assert rec.events.index(("epoch", 1)) < next(i for i, e in enumerate(rec.events) if e[0] == "pixels")
-
-
-def evaluate(run_dir: Path, *args: str) -> tuple[pd.DataFrame, Record]:
-    with spies() as rec:
-        assert eval_5head_oof.main(["--model-dir", str(run_dir), *args]) == 0
-    return pd.read_csv(run_dir / "oof_predictions.csv"), rec
-
-
-def test_eval_reuses_the_runs_cache_and_matches_pixels(head_only):
-    cached, rec = evaluate(head_only.out)  # the run's --feature-cache folder, from config.json
-    assert rec.encodes == 0 and rec.decodes("pixels") == [] and rec.decodes("cache") == []
-    assert sum("reused all" in m for m in rec.log) == 2  # folds 0 and 1
-    pixels, rec = evaluate(head_only.out, "--no-feature-cache")
-    assert rec.decodes("cache") == [] and len(rec.decodes("pixels")) == len(pixels)
-    assert cached["sample_id_prefix"].tolist() == pixels["sample_id_prefix"].tolist()
-    np.testing.assert_allclose(cached[PRED_COLS].to_numpy(), pixels[PRED_COLS].to_numpy(), rtol=1e-4, atol=1e-5)
-    # the run trained in float32 (--amp-dtype float32): tight; bfloat16 tolerance would be ~1e-2 relative
-
-
-def test_eval_tta_with_the_cache_averages_id_h_v(head_only, tiny_data, tmp_path):
-    cache = tmp_path / "cache"
-    plain, _ = evaluate(head_only.out, "--feature-cache", str(cache))
-    tta, rec = evaluate(head_only.out, "--tta", "--feature-cache", str(cache))
-    n = len(tta)
-    # per fold: the id entries of the plain evaluation are reused, h and v are computed now
-    assert rec.encodes > 0 and rec.decodes("pixels") == []
-    sizes = tta["fold"].value_counts()
-    for k in sizes:
-        assert any(f"reusing {k} entries, computing {2 * k}" in m for m in rec.log), rec.log
-    names = [f.name.rsplit("_", 1)[1] for f in npy_files(cache)]
-    assert sorted(set(names)) == ["h.npy", "id.npy", "v.npy"] and len(names) == 3 * n
-    pixels, _ = evaluate(head_only.out, "--tta", "--no-feature-cache")
-    np.testing.assert_allclose(tta[PRED_COLS].to_numpy(), pixels[PRED_COLS].to_numpy(), rtol=1e-4, atol=1e-5)
-    assert not np.allclose(tta[PRED_COLS].to_numpy(), plain[PRED_COLS].to_numpy(), rtol=1e-6, atol=0)
-    # fold 0's rows: the mean in grams of the three variants' predictions, then the run's post-processing
-    run = inference.open_run(head_only.out)
-    opts = inference.resolve_options(run, {"feature_cache": str(cache)})
-    rt = inference.runtime(opts)
-    df = load_train(tiny_data)
-    rows = df[read_run_folds(run, df, None) == 0].reset_index(drop=True)
-    fm = inference.load_fold_model(run.checkpoints[0], opts, rt.device)
-    fc = FeatureCache(cache, backbone=opts.cfg.model.backbone, weights_digest=state_dict_digest(fm.model.backbone),
-                      tiles=fm.tiles(opts), compute_dtype=rt.dtype_name)
-    with spies() as rec:
-        per_variant = [predict_from_cache(fm, rows, fc, opts, rt, variants=[v])["pred"] for v in ("id", "h", "v")]
-    assert rec.encodes == 0
-    expected = finish(np.mean(per_variant, axis=0), opts)
-    np.testing.assert_allclose(tta.loc[tta["fold"] == 0, PRED_COLS].to_numpy(), expected, rtol=1e-6, atol=1e-6)
-
-
-def test_predict_with_the_cache_matches_pixels_and_reuses_it(head_only, tiny_data, tmp_path):
-    cache = tmp_path / "cache"
-    args = ["--model-dir", str(head_only.out), "--feature-cache", str(cache), "--out"]
-    with spies() as rec:
-        assert predict_cli.main([*args, str(tmp_path / "cached.csv")]) == 0
-    # 4 test photos: computed with fold 0's model, reused by fold 1's (same frozen backbone)
-    assert any("reusing 0 entries, computing 4" in m for m in rec.log) and any("reused all 4" in m for m in rec.log)
-    assert len(npy_files(cache)) == 4
-    with spies() as rec:
-        assert predict_cli.main([*args, str(tmp_path / "again.csv")]) == 0
-    assert rec.encodes == 0 and rec.decodes("cache") == [] and rec.decodes("pixels") == []
-    with spies() as rec:
-        assert predict_cli.main(["--model-dir", str(head_only.out), "--no-feature-cache", "--out",
-                                 str(tmp_path / "pixels.csv")]) == 0
-    assert rec.decodes("cache") == [] and rec.decodes("pixels")
-    cached, again, pixels = (pd.read_csv(tmp_path / f"{n}.csv") for n in ("cached", "again", "pixels"))
-    assert cached["sample_id"].tolist() == pixels["sample_id"].tolist()
-    np.testing.assert_array_equal(cached["target"], again["target"])
-    np.testing.assert_allclose(cached["target"], pixels["target"], rtol=1e-4, atol=1e-5)

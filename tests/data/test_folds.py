@@ -1,4 +1,4 @@
-"""Tests of src.folds: the six CV strategies, reading a fold CSV and writing folds.csv."""
+"""Tests of data/folds.py: the six CV strategies, reading a fold CSV and writing folds.csv."""
 from __future__ import annotations
 
 import numpy as np

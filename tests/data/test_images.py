@@ -1,4 +1,4 @@
-"""Tests for src/images.py: decode scale, split, tiling geometry, errors, colour modes, normalisation."""
+"""Tests for data/images.py: decode scale, split, tiling geometry, errors, colour modes, normalisation."""
 from __future__ import annotations
 
 import cv2
@@ -9,6 +9,8 @@ from PIL import Image, ImageFile
 
 from biomass5head.data import images
 from biomass5head.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     ImageReadError,
     decode_photo,
     decode_scale,
@@ -296,9 +298,9 @@ def test_tiles_to_tensor_from_tile_view_and_readonly_input():
 
 def test_tiles_to_tensor_rejects_bad_input():
     with pytest.raises(ValueError):
-        tiles_to_tensor(np.zeros((2, 4, 4, 3), np.float32))
+        tiles_to_tensor(np.zeros((2, 4, 4, 3), np.float32), IMAGENET_MEAN, IMAGENET_STD)
     with pytest.raises(ValueError):
-        tiles_to_tensor(np.zeros((4, 4, 3), np.uint8))
+        tiles_to_tensor(np.zeros((4, 4, 3), np.uint8), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def test_image_read_error_survives_dataloader_worker(tmp_path):

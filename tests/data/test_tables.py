@@ -1,64 +1,15 @@
-"""Tests of src.data: train.csv / test.csv reading, long -> wide conversion, validation messages and the CLI."""
+"""Tests of data/tables.py on train.csv: long -> wide conversion, label indices and validation messages."""
 from __future__ import annotations
 
-import csv
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from competition_files import IMAGES, make_train, save_jpeg, train_rows, write_csv
 
-from biomass5head.cli.check import main
 from biomass5head.constants import IGNORE_INDEX, MONTHS, SPECIES_GROUPS, STATES, TARGETS
-from biomass5head.data.tables import TEST_COLUMNS, TRAIN_COLUMNS, DataError, load_test, load_train
-
-ROOT = Path(__file__).resolve().parents[2]
-# Metadata of three tiny images; targets are (Green, Dead, Clover, GDM, Total) in TARGETS order.
-IMAGES = [
-    dict(id="ID003", date="2015/9/4", state="Tas", species="WhiteClover", ndvi="0.62", height="4.6667",
-         targets=(16.2751, 31.9984, 0.0, 16.275, 48.2735)),
-    dict(id="ID001", date="2015/4/1", state="NSW", species="Phalaris_Ryegrass_Clover", ndvi="0.55", height="16",
-         targets=(7.6, 0.0, 1.5, 9.1, 9.1)),
-    dict(id="ID002", date="2015/11/30", state="WA", species="Lucerne", ndvi="0.38", height="1.0",
-         targets=(0.0, 2.0, 6.05, 6.05, 8.05)),
-]
-
-
-def save_jpeg(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 4), (40, 120, 30)).save(path, format="JPEG")
-
-
-def write_csv(path: Path, rows: list[dict], columns=None) -> None:
-    columns = columns or list(rows[0])
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def train_rows(images=IMAGES) -> list[dict]:
-    """Long rows, five per image, in the competition's layout (line number = index + 2)."""
-    rows = []
-    for im in images:
-        for name, value in zip(TARGETS, im["targets"], strict=True):
-            rows.append(dict(sample_id=f"{im['id']}__{name}", image_path=f"train/{im['id']}.jpg",
-                             Sampling_Date=im["date"], State=im["state"], Species=im["species"],
-                             Pre_GSHH_NDVI=im["ndvi"], Height_Ave_cm=im["height"], target_name=name,
-                             target=str(value)))
-    return rows
-
-
-def make_train(base: Path, rows: list[dict] | None = None, images=IMAGES) -> list[dict]:
-    """Write BASE/train.csv (the given rows, or valid ones) and the photos; return the rows written."""
-    for im in images:
-        save_jpeg(base / "train" / f"{im['id']}.jpg")
-    rows = train_rows(images) if rows is None else rows
-    write_csv(base / "train.csv", rows, list(TRAIN_COLUMNS))
-    return rows
+from biomass5head.data.tables import TRAIN_COLUMNS, DataError, load_train
 
 
 def line_of(rows: list[dict], sample_id: str) -> int:
@@ -354,124 +305,3 @@ def test_all_problems_reported_together(tmp_path):
     for text in expected:
         assert text in msg
     assert str(tmp_path / "train.csv") in msg.splitlines()[0]
-
-
-# ---------------------------------------------------------------- load_test
-
-def make_test(base: Path, rows: list[dict], photos=("ID9", "ID7")) -> None:
-    for name in photos:
-        save_jpeg(base / "test" / f"{name}.jpg")
-    write_csv(base / "test.csv", rows, list(TEST_COLUMNS))
-
-
-def long_test_rows(ids=("ID9", "ID7"), targets=TARGETS) -> list[dict]:
-    return [dict(sample_id=f"{i}__{t}", image_path=f"test/{i}.jpg", target_name=t) for i in ids for t in targets]
-
-
-def test_load_test_keeps_order_of_first_appearance(tmp_path):
-    rows = long_test_rows()
-    rows = [rows[5], rows[0], *rows[6:], *rows[1:5]]  # ID7 first
-    make_test(tmp_path, rows)
-    images, out = load_test(tmp_path)
-    assert list(images.columns) == ["sample_id_prefix", "image_path", "abs_path"]
-    assert list(images["sample_id_prefix"]) == ["ID7", "ID9"]
-    assert list(images["abs_path"]) == [str(tmp_path / "test" / f"{i}.jpg") for i in ("ID7", "ID9")]
-    assert list(out.columns) == ["sample_id", "image_path", "target_name", "sample_id_prefix"]
-    assert list(out["sample_id"]) == [r["sample_id"] for r in rows]
-    assert list(out["sample_id_prefix"]) == [r["sample_id"].split("__")[0] for r in rows]
-
-
-def test_load_test_accepts_a_subset_of_targets(tmp_path):
-    make_test(tmp_path, long_test_rows(ids=("ID9",), targets=("Dry_Total_g",)), photos=("ID9",))
-    images, rows = load_test(tmp_path)
-    assert len(images) == 1 and len(rows) == 1
-
-
-def test_load_test_empty_file_is_an_error(tmp_path):
-    write_csv(tmp_path / "test.csv", [], list(TEST_COLUMNS))
-    with pytest.raises(DataError, match="no data rows"):
-        load_test(tmp_path)
-
-
-def test_load_test_missing_file(tmp_path):
-    with pytest.raises(DataError, match="not found"):
-        load_test(tmp_path)
-
-
-def test_load_test_bad_columns(tmp_path):
-    write_csv(tmp_path / "test.csv", [dict(sample_id="ID9__GDM_g", path="test/ID9.jpg", target_name="GDM_g")])
-    with pytest.raises(DataError) as info:
-        load_test(tmp_path)
-    assert "test.csv line 1 (header): missing column(s) ['image_path']" in str(info.value)
-    assert "unexpected column(s) ['path']" in str(info.value)
-
-
-def test_load_test_reports_every_problem(tmp_path):
-    rows = long_test_rows()
-    rows[1] = dict(rows[1], sample_id="ID9__Dry_Moss_g", target_name="Dry_Moss_g")
-    rows[2] = dict(rows[0])
-    for r in rows[5:]:
-        r["image_path"] = "test/ID8.jpg"
-    rows.append(dict(sample_id="ID6__GDM_g", image_path="../ID6.jpg", target_name="GDM_g"))
-    make_test(tmp_path, rows)
-    with pytest.raises(DataError) as info:
-        load_test(tmp_path)
-    msg = str(info.value)
-    assert msg.startswith("4 problem(s)")
-    assert "test.csv line 3 (ID9__Dry_Moss_g): unknown target_name 'Dry_Moss_g'" in msg
-    assert "test.csv lines 2, 4: duplicate sample_id 'ID9__Dry_Green_g'" in msg
-    assert "test.csv lines 7, 8, 9, 10, 11: image_path 'test/ID8.jpg' does not exist" in msg
-    assert "test.csv line 12: image_path '../ID6.jpg' resolves to" in msg and "outside the base path" in msg
-
-
-def test_load_test_image_path_disagrees(tmp_path):
-    rows = long_test_rows()
-    rows[1]["image_path"] = "test/ID7.jpg"
-    make_test(tmp_path, rows)
-    with pytest.raises(DataError, match=r"test.csv image ID9 \(lines 2, 3, 4, 5, 6\): image_path disagrees"):
-        load_test(tmp_path)
-
-
-# ---------------------------------------------------------------- CLI
-
-def test_cli_valid_data_prints_summary(tmp_path, capsys):
-    make_train(tmp_path)
-    make_test(tmp_path, long_test_rows())
-    assert main([str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "train.csv: 3 images" in out
-    assert "NSW: 1, Tas: 1, WA: 1" in out
-    assert "4: 1, 9: 1, 11: 1" in out
-    assert "Clover: 1" in out and "Phalaris_Clover: 1" in out and "Lucerne: 1" in out
-    assert f"Dry_Total_g {(48.2735 + 9.1 + 8.05) / 3:.2f}" in out
-    assert "test.csv: 2 images, 10 rows" in out
-
-
-def test_cli_train_only_is_fine(tmp_path, capsys):
-    make_train(tmp_path)
-    assert main([str(tmp_path)]) == 0
-    assert "test.csv" not in capsys.readouterr().out
-
-
-def test_cli_reports_problems_of_both_files_and_fails(tmp_path, capsys):
-    rows = train_rows()
-    rows[0]["target"] = "x"
-    make_train(tmp_path, rows)
-    write_csv(tmp_path / "test.csv", [], list(TEST_COLUMNS))
-    assert main([str(tmp_path)]) == 1
-    captured = capsys.readouterr()
-    assert "target 'x' is not a number" in captured.err
-    assert "no data rows" in captured.err
-    assert "train.csv: 3 images" not in captured.out
-
-
-def test_cli_module_exit_codes(tmp_path):
-    def run(base: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "src.data", str(base)], cwd=ROOT, capture_output=True, text=True)
-
-    missing = run(tmp_path)
-    assert missing.returncode == 1 and str(tmp_path / "train.csv") in missing.stderr
-    make_train(tmp_path)
-    ok = run(tmp_path)
-    assert ok.returncode == 0, ok.stderr
-    assert "train.csv: 3 images" in ok.stdout

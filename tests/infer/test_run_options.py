@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from biomass5head.infer.run import RunError, open_run, resolve_options
+from biomass5head.infer.run_folder import RunError, open_run, resolve_options
 
 RECORD_KEYS = ["tta", "derive_dead", "correction_threshold", "always_correct_dead", "apply_context_adjustment",
                "data_dir", "backbone", "grid", "img_size", "img_size_trained", "hidden_ratio", "batch_size",
@@ -55,3 +55,18 @@ def test_given_options_override_the_runs_config(run, tmp_path, caplog):
 def test_contradictions_and_bad_values_are_run_errors(run, given, words):
     with pytest.raises(RunError, match=words):
         resolve_options(run, given)
+
+
+def test_values_a_run_did_not_record_take_the_eval_tables_defaults(tiny_run, tmp_path):
+    """An older or hand-written config.json without --batch-size / --img-size: the eval table's 4 and 518 apply."""
+    import json
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("oof_*", "submission.csv"))
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["data"]["batch_size"], config["model"]["img_size"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    opts = resolve_options(open_run(run_dir), {})
+    assert opts.cfg.data.batch_size == 4 and opts.cfg.model.img_size == 518 and opts.img_size_trained == 518
+    assert opts.cfg.model.grid == tuple(config["model"]["grid"])  # what it did record is kept

@@ -11,8 +11,8 @@ from PIL import Image
 from biomass5head.cli.predict import main
 from biomass5head.constants import TARGETS
 from biomass5head.data.tables import load_test
-from biomass5head.infer.predict import finish, predict_grams
-from biomass5head.infer.run import load_fold_model, open_run, resolve_options, runtime
+from biomass5head.infer.fold_model import finish, load_fold_model, predict_grams
+from biomass5head.infer.run_folder import open_run, resolve_options, runtime
 
 
 @pytest.fixture(scope="module")

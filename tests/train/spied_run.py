@@ -22,7 +22,7 @@ import biomass5head.cli.train
 import biomass5head.data.datasets
 import biomass5head.device
 import biomass5head.model.five_head
-import biomass5head.train.run
+import biomass5head.train.kfold
 import biomass5head.train.trainer
 from biomass5head.data.folds import make_folds
 from biomass5head.data.tables import load_train
@@ -199,7 +199,7 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, scores) -> None:
         run.grad_ckpt_calls += 1
         return checkpoint(*a, **kw)
 
-    mp.setattr(biomass5head.train.run, "FoldTrainer", RecordingTrainer)
+    mp.setattr(biomass5head.train.kfold, "FoldTrainer", RecordingTrainer)
     mp.setattr(biomass5head.train.trainer, "build_optimizer", spy_build_optimizer)
     mp.setattr(biomass5head.train.trainer, "train_one_epoch", spy_train_one_epoch)
     mp.setattr(biomass5head.train.trainer, "predict", spy_predict)

@@ -15,7 +15,7 @@ import biomass5head.cli.train
 import biomass5head.data.datasets
 import biomass5head.device
 import biomass5head.model.five_head
-import biomass5head.train.run
+import biomass5head.train.kfold
 import biomass5head.train.trainer
 from biomass5head.config import RunConfig
 from biomass5head.constants import TARGETS

@@ -16,7 +16,7 @@ import biomass5head.cli.train
 import biomass5head.data.datasets
 import biomass5head.device
 import biomass5head.model.five_head
-import biomass5head.train.run
+import biomass5head.train.kfold
 import biomass5head.train.trainer
 from biomass5head.cli.train import build_parser, config_from_args
 from biomass5head.config import RunConfig
@@ -118,3 +118,17 @@ def test_non_finite_loss_stops_with_a_message_naming_step_and_terms(tiny_data, t
     assert run.rc == 2
     assert re.search(r"non-finite loss at epoch 0 step 0: regression=", run.log_text)
     assert not list(run.out.glob("5head_best_fold*.pth"))
+
+
+def test_out_of_memory_is_a_clear_error_naming_the_options_to_lower(tiny_data, tmp_path_factory, monkeypatch):
+    """A device out of memory is the settings' fault, not a bug: exit code 2 and the options that lower memory."""
+    import biomass5head.train.trainer
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(biomass5head.train.trainer.FoldTrainer, "run", out_of_memory)
+    run = train(tmp_path_factory, tiny_data, "--epochs", "1")
+    assert run.rc == 2
+    assert "fold 0: cpu ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower --batch-size or " \
+           "--img-size, or add --grad-ckpt" in run.log_text

@@ -1,5 +1,5 @@
-"""Opening a finished run: read its folder, resolve evaluation options against its own `RunConfig`, and rebuild its
-fold models (no pretrained weights: everything comes from the checkpoints, so this works offline).
+"""Opening a finished run's folder: its configuration and checkpoints, and the eval / predict options resolved
+against its own `RunConfig` (`infer.fold_model` rebuilds and runs its fold models).
 
 - A run folder (`python -m src.train_5head`) holds `config.json`, `folds.csv` and `5head_best_fold{k}.pth`.
 - The options eval and predict share are overrides of the run's configuration, applied with
@@ -17,18 +17,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from timm.layers import resample_abs_pos_embed
-
-from biomass5head.config import RunConfig
-from biomass5head.data.feature_cache import FeatureCache, state_dict_digest
-from biomass5head.data.images import TileSpec
+from biomass5head.config import DataConfig, RunConfig
 from biomass5head.device import Runtime, resolve_runtime
-from biomass5head.model.checkpoint import CHECKPOINT_RE, find_checkpoints, load_checkpoint
-from biomass5head.model.five_head import build_model
-from biomass5head.model.targets import TargetTransform
+from biomass5head.model.checkpoint import find_checkpoints, load_checkpoint
 
 logger = logging.getLogger(__name__)
+
+
+# The eval table's defaults (5head_arguments.md), used only for what a run's config.json did not record; they differ
+# from training's in --batch-size alone.
+EVAL_TABLE = RunConfig(data=DataConfig(batch_size=4))
 
 
 class RunError(ValueError):
@@ -69,20 +67,6 @@ class InferenceOptions:
                 "device": self.device, "amp_dtype": self.cfg.train.amp_dtype, "feature_cache": self.feature_cache}
 
 
-@dataclass
-class FoldModel:
-    """One fold's model (eval mode, on its device) with the transform and context ratios of its checkpoint."""
-    fold: int
-    model: torch.nn.Module
-    transform: TargetTransform
-    context_ratios: dict | None
-
-    def tiles(self, opts: InferenceOptions) -> TileSpec:
-        """The tile spec this model reads at the options' grid and --img-size."""
-        m = opts.cfg.model
-        return TileSpec(m.grid, m.img_size, *self.model.mean_std)
-
-
 def open_run(model_dir: str | Path) -> Run:
     """Read a run folder's checkpoints list and config.json (the first checkpoint's configuration without it)."""
     path = Path(model_dir)
@@ -101,7 +85,7 @@ def open_run(model_dir: str | Path) -> Run:
     else:
         logger.info("%s has no config.json: using the configuration stored in the checkpoints", path)
         raw = load_checkpoint(next(iter(checkpoints.values())))["config"]
-    return Run(path, raw, RunConfig.from_dict(raw), checkpoints)
+    return Run(path, raw, RunConfig.from_dict(raw, base=EVAL_TABLE), checkpoints)
 
 
 def _arch_name(backbone: str) -> str:
@@ -157,46 +141,3 @@ def runtime(opts: InferenceOptions) -> Runtime:
         return resolve_runtime(opts.device, opts.cfg.train.amp_dtype, opts.cfg.data.num_workers)
     except ValueError as exc:  # its messages name training's --device-type
         raise RunError(str(exc).replace("--device-type", "--device")) from exc
-
-
-def fit_pos_embed(state: dict, model: torch.nn.Module) -> dict:
-    """The state dict with the backbone's position embeddings resampled (timm's resample_abs_pos_embed) to the
-    model's patch grid when the checkpoint was trained at another --img-size."""
-    key, backbone = "backbone.pos_embed", getattr(model, "backbone", None)
-    target = getattr(backbone, "pos_embed", None)
-    if key not in state or target is None or state[key].shape == target.shape:
-        return state
-    n_prefix = 0 if getattr(backbone, "no_embed_class", False) else int(getattr(backbone, "num_prefix_tokens", 0))
-    old_side = int(round(math.sqrt(state[key].shape[1] - n_prefix)))
-    resampled = resample_abs_pos_embed(state[key], new_size=list(backbone.patch_embed.grid_size),
-                                       old_size=[old_side, old_side], num_prefix_tokens=n_prefix)
-    return {**state, key: resampled}
-
-
-def load_fold_model(path: Path, opts: InferenceOptions, device: torch.device) -> FoldModel:
-    """Rebuild a checkpoint's model (no pretrained weights, at the options' --img-size) and load its weights."""
-    ckpt = load_checkpoint(path)
-    cfg = RunConfig.from_dict(ckpt["config"])
-    check_against(asdict(cfg.model), asdict(opts.cfg.model), f"checkpoint {path}",
-                  hint="; config.json or the command line disagree with this checkpoint")
-    expected = CHECKPOINT_RE.match(path.name)
-    if expected and int(expected.group(1)) != int(ckpt["fold"]):
-        raise RunError(f"checkpoint {path} holds fold {ckpt['fold']}, not the fold its name says")
-    if opts.cfg.post.apply_context_adjustment and not ckpt.get("context_ratios"):
-        raise RunError(f"checkpoint {path} has no context ratios, but the run applies the context adjustment")
-    cfg = replace(cfg, model=replace(cfg.model, img_size=opts.cfg.model.img_size, grad_ckpt=False))
-    model = build_model(cfg, pretrained=False)
-    try:
-        model.load_state_dict(fit_pos_embed(ckpt["model"], model))
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:400]
-        raise RunError(f"the weights in {path} do not fit the model its configuration describes: {detail}") from exc
-    model.to(device).eval()
-    return FoldModel(int(ckpt["fold"]), model, TargetTransform.from_dict(ckpt["target_transform"]),
-                     ckpt.get("context_ratios"))
-
-
-def fold_feature_cache(fm: FoldModel, opts: InferenceOptions, rt: Runtime) -> FeatureCache:
-    """The frozen-feature cache that holds this fold model's features (keyed by its backbone weights)."""
-    return FeatureCache(opts.feature_cache, backbone=opts.cfg.model.backbone, tiles=fm.tiles(opts),
-                        weights_digest=state_dict_digest(fm.model.backbone), compute_dtype=rt.dtype_name)

@@ -24,7 +24,7 @@ from biomass5head.data.images import TileSpec
 from biomass5head.data.tables import load_train
 from biomass5head.device import resolve_runtime
 from biomass5head.fileio import write_json
-from biomass5head.model.checkpoint import checkpoint_name
+from biomass5head.model.checkpoint import checkpoint_name, find_checkpoints
 from biomass5head.model.five_head import build_model, describe
 from biomass5head.plots import plot_learning_curves
 from biomass5head.train.trainer import FoldTrainer
@@ -52,7 +52,7 @@ def prepare_output_dir(output_dir: str | None) -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--output-dir {path} exists and is not a folder")
     if path.is_dir():
-        held = [f for f in RUN_FILES if (path / f).exists()] + sorted(p.name for p in path.glob("5head_best_fold*.pth"))
+        held = [f for f in RUN_FILES if (path / f).exists()] + [p.name for p in find_checkpoints(path).values()]
         if held:
             raise ConfigError(f"--output-dir {path} already holds a run ({', '.join(held[:4])}): "
                               "choose a new folder so earlier results are not overwritten")
@@ -68,12 +68,13 @@ def assign_folds(cfg: RunConfig, df: pd.DataFrame) -> np.ndarray:
     return make_folds(df, d.cv_strategy, d.num_folds, cfg.seed)
 
 
-def check_backbone(cfg: RunConfig) -> None:
-    """Build the model once before anything is written, so missing weights or a bad name fail fast."""
+def check_backbone(cfg: RunConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Build the model once before anything is written, so missing weights or a bad name fail fast; returns the
+    backbone's normalisation (mean, std)."""
     model = build_model(cfg)
     logger.info("model: %s (%s weights); %s", cfg.model.backbone, cfg.model.backbone_weights or
                 ("pretrained" if cfg.model.pretrained else "random"), describe(model))
-    del model
+    return model.mean_std
 
 
 def run(cfg: RunConfig) -> dict:
@@ -90,26 +91,30 @@ def run(cfg: RunConfig) -> dict:
     if missing:
         raise FoldError(f"--train-folds {missing}: no images in those folds")
     logger.info("%d images, %d folds, mode %s, device %s, precision %s, %d DataLoader workers", len(df),
-                cfg.data.num_folds, cfg.train.mode, rt.device, rt.precision.name, rt.num_workers)
+                cfg.data.num_folds, cfg.train.mode, rt.device, rt.dtype_name, rt.num_workers)
     logger.info("folds:\n%s", fold_summary(df, folds))
     seed_everything(cfg.seed)
-    check_backbone(cfg)
+    mean_std = check_backbone(cfg)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {**cfg.to_dict(), "runtime": rt.record()}  # config.json, also inside every checkpoint
     write_json(out_dir / "config.json", record)
     write_folds(out_dir / "folds.csv", df, folds)
     logger.info("run folder: %s", out_dir)
-    tiles = TileSpec(cfg.model.grid, cfg.model.img_size)  # decoding only: mean and std do not matter here
+    tiles = TileSpec(cfg.model.grid, cfg.model.img_size, *mean_std)
     cache = build_image_cache(df["abs_path"], tiles) if cfg.data.cache_images else None
 
     results, logs = [], {}
     for fold in cfg.data.train_folds:
-        seed_everything(cfg.seed + fold)  # the heads' initialisation; data pipelines use cfg.fold_seed(fold)
+        seed_everything(cfg.init_seed(fold))
         start = time.perf_counter()
-        trainer = FoldTrainer(cfg, fold, df[folds != fold], df[folds == fold], rt, out_dir, image_cache=cache,
-                              config_record=record)
-        result = trainer.run()
+        try:
+            trainer = FoldTrainer(cfg, fold, df[folds != fold], df[folds == fold], rt, out_dir, image_cache=cache,
+                                  config_record=record)
+            result = trainer.run()
+        except torch.OutOfMemoryError as exc:  # the settings, not the code: say which options to lower
+            raise ConfigError(f"fold {fold}: {rt.device} ran out of memory ({' '.join(str(exc).split())[:200]}); "
+                              "lower --batch-size or --img-size, or add --grad-ckpt") from exc
         result["seconds"] = time.perf_counter() - start
         results.append(result)
         logs[fold] = pd.DataFrame(trainer.rows)
