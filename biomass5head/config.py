@@ -164,6 +164,8 @@ class TrainConfig:
     head_lr_stage1: float = 1e-3
     freeze_backbone: bool = False
     amp_dtype: str = "float16"
+    save_every: float = 300.0  # seconds between resume-state writes at epoch ends
+    keep_last: bool = False
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -177,6 +179,8 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
         _check(self.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
+        _check(self.save_every >= 0 and math.isfinite(self.save_every),
+               f"--save-every must be a number of seconds >= 0, got {self.save_every}")
 
     @property
     def mode(self) -> str:

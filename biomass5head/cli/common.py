@@ -10,6 +10,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+from biomass5head.interrupt import Stopped, stop_on_signals
+
 # What a user can cause and fix: a bad file, option or run folder (ValueError and its subclasses: ConfigError,
 # DataError, FoldError, RunError, ImageReadError), a missing file or weights (OSError, WeightsUnavailable), a
 # diverging loss (FloatingPointError); training turns a device out of memory into a ConfigError. One logged line and
@@ -58,14 +60,19 @@ def setup_logging() -> None:
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, work: Callable[[argparse.Namespace], object],
                 logger: logging.Logger) -> int:
     """Every command's `main`: parse `argv`, set up logging and call `work(args)`; a user error becomes one logged
-    line and exit code 2. Returns `work`'s result when it is an exit code (an int), else 0."""
+    line and exit code 2; SIGINT / SIGTERM one line and exit code 130 / 143 (`interrupt.py`). Returns `work`'s
+    result when it is an exit code (an int), else 0."""
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        code = work(args)
+        with stop_on_signals():
+            code = work(args)
     except USER_ERRORS as exc:
         logger.error("%s", exc)
         return 2
+    except Stopped as stop:  # Ctrl-C or SIGTERM: no traceback, the conventional exit code
+        logger.warning("%s", stop)
+        return stop.exit_code
     return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 

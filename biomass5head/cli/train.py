@@ -15,7 +15,10 @@ learning_curves.png.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from dataclasses import replace
+from pathlib import Path
 
 from biomass5head.cli.common import prog, run_command
 from biomass5head.config import (
@@ -34,6 +37,9 @@ from biomass5head.config import (
 from biomass5head.constants import CV_STRATEGIES
 
 logger = logging.getLogger(__name__)
+# What may be given with --resume: none of them changes what the run computes.
+RESUME_OPTIONS = ("--num-workers", "--device-type", "--save-every", "--keep-last")
+RESUME_DESTS = tuple(o[2:].replace("-", "_") for o in RESUME_OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cv-strategy", default="group_month", choices=CV_STRATEGIES)
     g.add_argument("--fold-csv", default=None, help="CSV with sample_id_prefix,fold (overrides --cv-strategy)")
 
+    g = p.add_argument_group("Stopping and resuming")
+    g.add_argument("--resume", default=None, metavar="RUN", help="continue the stopped run in RUN with its own "
+                   f"config.json (other options: only {', '.join(RESUME_OPTIONS)})")
+    g.add_argument("--save-every", type=float, default=300.0, metavar="SECONDS",
+                   help="write the resume state at the end of an epoch when this long has passed since the last "
+                        "write (it is always written when a run stops); 0: every epoch")
+    g.add_argument("--keep-last", action="store_true", help="keep 5head_last_fold{k}.pth after its fold ends")
+
     g = p.add_argument_group("Device & misc")
     g.add_argument("--device-type", default=None, choices=("cuda", "mps", "cpu"), help="default: auto-detect")
     g.add_argument("--seed", type=int, default=18)
@@ -179,7 +193,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           lr=args.lr, backbone_lr=args.backbone_lr, weight_decay=args.weight_decay,
                           warmup_epochs=warmup_epochs, two_stage=args.two_stage, freeze_epochs=freeze_epochs,
                           head_lr_stage1=args.head_lr_stage1, freeze_backbone=args.freeze_backbone,
-                          amp_dtype=args.amp_dtype),
+                          amp_dtype=args.amp_dtype, save_every=args.save_every, keep_last=args.keep_last),
         cache=CacheConfig(enabled=not args.no_feature_cache, dir=args.feature_cache, bank=args.feature_bank),
         output_dir=args.output_dir,
         device_type=args.device_type,
@@ -187,11 +201,38 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def train_command(args: argparse.Namespace) -> dict:
+def resume_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
+    """The configuration of the run in --resume RUN (its config.json), with the precision it actually used; only
+    RESUME_OPTIONS, which cannot change results, may be given beside it."""
+    run_dir = Path(args.resume)
+    given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+             if k not in ("resume", *RESUME_DESTS) and v != parser.get_default(k)]
+    if given:
+        raise ConfigError(f"--resume continues a run with its own configuration: {', '.join(given)} cannot be "
+                          f"given with it (only {', '.join(RESUME_OPTIONS)})")
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json there (not a run folder of train_5head)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--resume {run_dir}: {path} is not valid JSON ({exc})") from exc
+    cfg = RunConfig.from_dict(raw)
+    used = raw.get("runtime", {}).get("amp_dtype_used", cfg.train.amp_dtype)
+    data = replace(cfg.data, num_workers=args.num_workers if args.num_workers is not None else cfg.data.num_workers)
+    train = replace(cfg.train, amp_dtype=used, save_every=args.save_every, keep_last=args.keep_last)
+    return replace(cfg, data=data, train=train, output_dir=str(run_dir),
+                   device_type=args.device_type or cfg.device_type)
+
+
+def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     from biomass5head.train.kfold import run  # here, so that --help answers without loading torch
 
+    if args.resume:
+        return run(resume_config(args, parser), resume=True)
     return run(config_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, train_command, logger)
+    parser = build_parser()
+    return run_command(parser, argv, lambda args: train_command(args, parser), logger)

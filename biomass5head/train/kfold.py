@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -24,6 +25,7 @@ from biomass5head.data.images import TileSpec
 from biomass5head.data.tables import load_train
 from biomass5head.device import resolve_runtime
 from biomass5head.fileio import write_json
+from biomass5head.interrupt import Stopped
 from biomass5head.model.checkpoint import checkpoint_name, find_checkpoints
 from biomass5head.model.five_head import build_model, describe
 from biomass5head.plots import plot_learning_curves
@@ -77,16 +79,18 @@ def check_backbone(cfg: RunConfig) -> tuple[tuple[float, ...], tuple[float, ...]
     return model.mean_std
 
 
-def run(cfg: RunConfig) -> dict:
-    """Train every fold of --train-folds; returns the summary also written to summary.json."""
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train every fold of --train-folds; returns the summary also written to summary.json. With `resume`, the run
+    folder `cfg.output_dir` exists: its folds.csv is kept, finished folds (in summary.json) are skipped and an
+    unfinished fold continues from its resume state."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         raise ConfigError(f"torchrun with {world_size} processes: multi-GPU training is not supported yet; "
                           "run a single process")
     rt = resolve_runtime(cfg.device_type, cfg.train.amp_dtype, cfg.data.num_workers)
-    out_dir = prepare_output_dir(cfg.output_dir)
+    out_dir = Path(cfg.output_dir) if resume else prepare_output_dir(cfg.output_dir)
     df = load_train(cfg.data.base_path)
-    folds = assign_folds(cfg, df)
+    folds = read_fold_csv(out_dir / "folds.csv", df, cfg.data.num_folds) if resume else assign_folds(cfg, df)
     missing = [k for k in cfg.data.train_folds if not (folds == k).any()]
     if missing:
         raise FoldError(f"--train-folds {missing}: no images in those folds")
@@ -96,37 +100,54 @@ def run(cfg: RunConfig) -> dict:
     seed_everything(cfg.seed)
     mean_std = check_backbone(cfg)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = {**cfg.to_dict(), "runtime": rt.record()}  # config.json, also inside every checkpoint
-    write_json(out_dir / "config.json", record)
-    write_folds(out_dir / "folds.csv", df, folds)
-    logger.info("run folder: %s", out_dir)
+    done = {}
+    if resume:
+        record = json.loads((out_dir / "config.json").read_text())
+        if (out_dir / "summary.json").is_file():
+            done = {int(k): r for k, r in json.loads((out_dir / "summary.json").read_text())["folds"].items()}
+        logger.info("resuming %s: folds %s finished", out_dir, sorted(done) or "none")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record = {**cfg.to_dict(), "runtime": rt.record()}  # config.json, also inside every checkpoint
+        write_json(out_dir / "config.json", record)
+        write_folds(out_dir / "folds.csv", df, folds)
+        logger.info("run folder: %s", out_dir)
     tiles = TileSpec(cfg.model.grid, cfg.model.img_size, *mean_std)
     cache = build_image_cache(df["abs_path"], tiles) if cfg.data.cache_images else None
 
-    results, logs = [], {}
-    for fold in cfg.data.train_folds:
-        seed_everything(cfg.init_seed(fold))
-        start = time.perf_counter()
-        try:
-            trainer = FoldTrainer(cfg, fold, df[folds != fold], df[folds == fold], rt, out_dir, image_cache=cache,
-                                  config_record=record)
-            result = trainer.run()
-        except torch.OutOfMemoryError as exc:  # the settings, not the code: say which options to lower
-            raise ConfigError(f"fold {fold}: {rt.device} ran out of memory ({' '.join(str(exc).split())[:200]}); "
-                              "lower --batch-size or --img-size, or add --grad-ckpt") from exc
-        result["seconds"] = time.perf_counter() - start
-        results.append(result)
-        logs[fold] = pd.DataFrame(trainer.rows)
-        logger.info("fold %d: best weighted R2 %.4f at epoch %d (training-mean baseline %.4f) -> %s", fold,
-                    result["best_score"], result["best_epoch"], result["baseline_train_mean_r2"],
-                    checkpoint_name(fold))
+    results = [done[k] for k in cfg.data.train_folds if k in done]
+    for fold in (k for k in cfg.data.train_folds if k not in done):
+        results.append(train_fold(cfg, fold, df, folds, rt, out_dir, cache, record))
+        write_json(out_dir / "summary.json", summarize(results, cfg))  # finished folds, so far
     summary = summarize(results, cfg)
-    write_json(out_dir / "summary.json", summary)
+    logs = {k: pd.read_csv(out_dir / f"log_fold{k}.csv") for k in cfg.data.train_folds}
     plot_learning_curves(logs, out_dir / "learning_curves.png")
     logger.info("mean best weighted R2 over folds %s: %.4f (baseline %.4f); outputs in %s",
                 list(cfg.data.train_folds), summary["mean_best_score"], summary["mean_baseline_train_mean_r2"], out_dir)
     return summary
+
+
+def train_fold(cfg: RunConfig, fold: int, df: pd.DataFrame, folds: np.ndarray, rt, out_dir: Path, cache,
+               record: dict) -> dict:
+    """One fold, from its resume state when there is one; a stop or out-of-memory says what to do next."""
+    seed_everything(cfg.init_seed(fold))
+    start = time.perf_counter()
+    trainer = None
+    try:
+        trainer = FoldTrainer(cfg, fold, df[folds != fold], df[folds == fold], rt, out_dir, image_cache=cache,
+                              config_record=record)
+        result = trainer.run()
+    except torch.OutOfMemoryError as exc:  # the settings, not the code: say which options to lower
+        raise ConfigError(f"fold {fold}: {rt.device} ran out of memory ({' '.join(str(exc).split())[:200]}); "
+                          "lower --batch-size or --img-size, or add --grad-ckpt") from exc
+    except Stopped as stop:
+        epoch = trainer.progress.epoch if trainer is not None else 0
+        raise Stopped(stop.signum, f"stopped by {stop.signal_name} at fold {fold} epoch {epoch}; resume with: "
+                                   f"python -m src.train_5head --resume {out_dir}") from None
+    result["seconds"] = time.perf_counter() - start
+    logger.info("fold %d: best weighted R2 %.4f at epoch %d (training-mean baseline %.4f) -> %s", fold,
+                result["best_score"], result["best_epoch"], result["baseline_train_mean_r2"], checkpoint_name(fold))
+    return result
 
 
 def summarize(results: list[dict], cfg: RunConfig) -> dict:
@@ -138,4 +159,5 @@ def summarize(results: list[dict], cfg: RunConfig) -> dict:
         "metric": "global weighted R2 (grams, post-processed), weights "
                   + ", ".join(f"{t} {w}" for t, w in zip(TARGETS, COMPETITION_WEIGHTS, strict=True)),
         "train_folds": list(cfg.data.train_folds),
+        "complete": len(results) == len(cfg.data.train_folds),  # False while folds are pending (--resume)
     }

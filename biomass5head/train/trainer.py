@@ -28,6 +28,7 @@ from biomass5head.model.predict import predict
 from biomass5head.model.targets import TargetTransform
 from biomass5head.train.engine import cosine_with_warmup, train_one_epoch
 from biomass5head.train.losses import BiomassLoss
+from biomass5head.train.resume import Progress, last_state_name, load_state, save_state, set_rng_states, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class FoldTrainer:
         self.feature_plan = plan_feature_path(cfg)
         self._feature_loaders = None
         self._best, self._last_write = None, -math.inf  # best weights not yet written, time of the last write
+        self._snapshot, self._last_state_write = None, time.monotonic()  # resume state not yet written
+        self.last_path = self.out_dir / last_state_name(fold)
+        self.progress = Progress()
         self.rows: list[dict] = []
 
     def _build_loss(self) -> BiomassLoss:
@@ -186,47 +190,96 @@ class FoldTrainer:
         return compute_metrics(true, np.tile(mean, (len(true), 1)))["weighted_r2"]
 
     def run(self) -> dict:
-        """Train all stages with early stopping; returns the fold's summary (best score, epoch, baseline)."""
+        """Train all stages with early stopping, from the fold's resume state when there is one; returns the fold's
+        summary (best score, epoch, baseline)."""
         cfg = self.cfg
         scaler = self.runtime.grad_scaler()
-        best, best_epoch, epoch = -math.inf, -1, 0
         baseline = self.baseline_score()
+        state = load_state(self.last_path)
+        p = self.progress = state["progress"] if state else Progress()
+        if state:
+            self.rows = state["rows"]
+            logger.info("fold %d: resuming at epoch %d from %s", self.fold, p.epoch, self.last_path.name)
         logger.info("fold %d: %d train / %d val images; training-mean baseline R2 %.4f", self.fold,
                     len(self.train_df), len(self.val_df), baseline)
         logger.info("%s", self.feature_plan.message)
+        finished = False
         try:
-            for stage in plan_stages(cfg):
+            for index, stage in enumerate(plan_stages(cfg)):
+                if index < p.stage_index:
+                    continue
                 self.model.set_backbone_trainable(stage.backbone_trainable)
                 train_loader, val_loader = self.loaders_for(stage)
                 optimizer = build_optimizer(self.model, stage, cfg.train.weight_decay)
                 steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
                 warmup = min(cfg.train.warmup_epochs, stage.epochs) * steps_per_epoch
                 scheduler = cosine_with_warmup(optimizer, warmup, stage.epochs * steps_per_epoch)
-                stale = 0  # patience restarts with each stage: unfreezing changes what the model can reach
-                for _ in range(stage.epochs):
-                    set_epoch(train_loader, epoch)
-                    lrs = {"lr_head": _group_lr(optimizer, "head"), "lr_backbone": _group_lr(optimizer, "backbone")}
-                    tr = train_one_epoch(self.model, train_loader, self.loss_fn, optimizer, scheduler, self.runtime,
-                                         scaler, grad_accum=cfg.train.grad_accum,
-                                         grad_clip=cfg.train.grad_clip, epoch=epoch,
-                                         desc=f"fold {self.fold} {stage.name} ep {epoch}")
-                    val = self.validate(val_loader)
-                    score = val["post"]["weighted_r2"]
-                    improved = score > best
-                    if improved:
-                        best, best_epoch, stale = score, epoch, 0
-                        self._save(epoch, score, val)
-                    else:
-                        stale += 1
-                    self._log_epoch(epoch, stage, lrs, tr, val, improved)
-                    epoch += 1
-                    if stale >= cfg.train.patience:
-                        logger.info("fold %d: no improvement for %d epochs: stopping %s", self.fold, stale, stage.name)
-                        break
-        finally:  # the best weights so far reach the disk even when training stops with an error
+                if state:  # everything as it was at the end of the saved epoch
+                    self._restore(state, optimizer, scheduler, scaler)
+                    state = None
+                else:  # patience restarts with each stage: unfreezing changes what the model can reach
+                    p.stage_index, p.epoch_in_stage, p.stale = index, 0, 0
+                while p.epoch_in_stage < stage.epochs and p.stale < cfg.train.patience:
+                    self._train_epoch(p, stage, train_loader, val_loader, optimizer, scheduler, scaler)
+                    self._snapshot = snapshot(p, self.model, optimizer, scheduler, scaler, self._loaders(), self.rows)
+                    if time.monotonic() - self._last_state_write >= cfg.train.save_every:
+                        self._write_state()
+                if p.stale >= cfg.train.patience:
+                    logger.info("fold %d: no improvement for %d epochs: stopping %s", self.fold, p.stale, stage.name)
+            finished = True
+        finally:  # the best weights so far reach the disk even when training stops, and what resuming needs
             self._flush_best()
-        return {"fold": self.fold, "best_score": best, "best_epoch": best_epoch, "epochs_run": epoch,
+            if not finished:
+                self._write_state()
+        if cfg.train.keep_last:
+            self._write_state()  # the fold's final state, e.g. to train it further by hand
+        else:
+            self.last_path.unlink(missing_ok=True)
+        return {"fold": self.fold, "best_score": p.best, "best_epoch": p.best_epoch, "epochs_run": p.epoch,
                 "baseline_train_mean_r2": baseline, "n_train": len(self.train_df), "n_val": len(self.val_df)}
+
+    def _train_epoch(self, p: Progress, stage: Stage, train_loader, val_loader, optimizer, scheduler, scaler) -> None:
+        """One epoch of a stage, its validation, early-stopping bookkeeping and log row."""
+        cfg = self.cfg
+        set_epoch(train_loader, p.epoch)
+        lrs = {"lr_head": _group_lr(optimizer, "head"), "lr_backbone": _group_lr(optimizer, "backbone")}
+        tr = train_one_epoch(self.model, train_loader, self.loss_fn, optimizer, scheduler, self.runtime, scaler,
+                             grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip, epoch=p.epoch,
+                             desc=f"fold {self.fold} {stage.name} ep {p.epoch}")
+        val = self.validate(val_loader)
+        score = val["post"]["weighted_r2"]
+        improved = score > p.best
+        if improved:
+            p.best, p.best_epoch, p.stale = score, p.epoch, 0
+            self._save(p.epoch, score, val)
+        else:
+            p.stale += 1
+        self._log_epoch(p.epoch, stage, lrs, tr, val, improved)
+        p.epoch += 1
+        p.epoch_in_stage += 1
+
+    def _loaders(self) -> dict:
+        """Every DataLoader of the fold by name (their generators decide shuffling and worker seeds)."""
+        named = {"train": self.train_loader, "val": self.val_loader}
+        if self._feature_loaders is not None:
+            named.update(feature_train=self._feature_loaders[0], feature_val=self._feature_loaders[1])
+        return named
+
+    def _restore(self, state: dict, optimizer, scheduler, scaler) -> None:
+        self.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"], self._loaders())
+
+    def _write_state(self) -> None:
+        """Write the last epoch-end snapshot (after the best weights it refers to)."""
+        if self._snapshot is None:
+            return
+        self._flush_best()
+        save_state(self.last_path, self._snapshot)
+        self._snapshot, self._last_state_write = None, time.monotonic()
 
     def _save(self, epoch: int, score: float, val: dict) -> None:
         """Keep the new best weights; write them at once when the last write is SAVE_INTERVAL_S old, else when the
