@@ -68,6 +68,8 @@ class DataConfig:
     train_folds: tuple[int, ...] = (0, 1, 2, 3, 4)
     cv_strategy: str = "group_month"
     fold_csv: str | None = None
+    check_photos: str = "header"  # "header" or "full" (decode every photo) before training
+    allow_any_aspect: bool = False
 
     def __post_init__(self):
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
@@ -75,6 +77,7 @@ class DataConfig:
         _check(self.prefetch_factor >= 1, f"--prefetch-factor must be >= 1, got {self.prefetch_factor}")
         _check(self.num_folds >= 2, f"--num-folds must be >= 2, got {self.num_folds}")
         _check(self.cv_strategy in CV_STRATEGIES, f"--cv-strategy must be one of {', '.join(CV_STRATEGIES)}")
+        _check(self.check_photos in ("header", "full"), "--check-photos must be header or full")
         bad = [k for k in self.train_folds if not 0 <= k < self.num_folds]
         _check(not bad, f"--train-folds {bad} out of range for --num-folds {self.num_folds} "
                         f"(folds are 0..{self.num_folds - 1})")

@@ -57,7 +57,8 @@ def test_parser_groups_follow_the_reference_order():
     titles = [g.title for g in build_parser()._action_groups][2:]  # after argparse's positional / options groups
     expected = ["Paths", "Model architecture", "Training configuration", "Learning rates", "2-stage training",
                 "Auxiliary heads", "Loss function", "Post-processing", "Augmentation", "Target normalization",
-                "MixUp/CutMix", "AMP", "Cross-validation", "Device & misc"]
+                "MixUp/CutMix", "AMP", "Cross-validation", "Device & misc",
+                "Stopping and resuming"]  # the last group is an extension: --resume, --save-every, --keep-last
     assert [t.split(" (")[0] for t in titles] == expected
 
 
@@ -86,13 +87,15 @@ def test_every_option_reaches_the_config():
         "--img-size", "224", "--aug-prob", "0.7", "--stereo-correct-aug", "--stereo-swap-prob", "0.5",
         "--use-log-target", "--mixup-prob", "0.2", "--mixup-alpha", "0.3", "--cutmix-prob", "0.1",
         "--cutmix-alpha", "0.8", "--amp-dtype", "bfloat16", "--num-folds", "4", "--train-folds", "1", "3",
-        "--cv-strategy", "group_date_state_bin", "--fold-csv", "f.csv", "--device-type", "cpu", "--seed", "7")
+        "--cv-strategy", "group_date_state_bin", "--fold-csv", "f.csv", "--device-type", "cpu", "--seed", "7",
+        "--check-photos", "full", "--allow-any-aspect", "--save-every", "60", "--keep-last")
     assert cfg.to_dict() == {
         "model": {"backbone": "vit_small_patch14_dinov2.lvd142m", "grid": [1, 3], "img_size": 224, "dropout": 0.3,
                   "hidden_ratio": 0.25, "film": False, "attention_pool": False, "grad_ckpt": True,
                   "use_aux_heads": True, "pretrained": True, "backbone_weights": "w.safetensors"},
         "data": {"base_path": "B", "batch_size": 3, "num_workers": 2, "cache_images": True, "prefetch_factor": 2,
-                 "num_folds": 4, "train_folds": [1, 3], "cv_strategy": "group_date_state_bin", "fold_csv": "f.csv"},
+                 "num_folds": 4, "train_folds": [1, 3], "cv_strategy": "group_date_state_bin", "fold_csv": "f.csv",
+                 "check_photos": "full", "allow_any_aspect": True},
         "aug": {"aug_prob": 0.7, "stereo_correct_aug": True, "stereo_swap_prob": 0.5, "mixup_prob": 0.2,
                 "mixup_alpha": 0.3, "cutmix_prob": 0.1, "cutmix_alpha": 0.8},
         "loss": {"target_weights": [0.1, 0.1, 0.1, 0.2, 0.5], "constraint_weight": 0.2, "use_focal_loss": True,
@@ -102,7 +105,8 @@ def test_every_option_reaches_the_config():
         "cache": {"enabled": True, "dir": None, "bank": 4},
         "train": {"epochs": 7, "grad_accum": 4, "grad_clip": 0.5, "patience": 3, "lr": 3e-4, "backbone_lr": 2e-5,
                   "weight_decay": 0.05, "warmup_epochs": 1, "two_stage": True, "freeze_epochs": 2,
-                  "head_lr_stage1": 5e-4, "freeze_backbone": False, "amp_dtype": "bfloat16"},
+                  "head_lr_stage1": 5e-4, "freeze_backbone": False, "amp_dtype": "bfloat16", "save_every": 60.0,
+                  "keep_last": True},
         "output_dir": "O", "device_type": "cpu", "seed": 7,
     }
 

@@ -93,6 +93,10 @@ def add_inference_arguments(p: argparse.ArgumentParser, *, model_dir_help: str, 
     g.add_argument("--feature-cache", default=None, metavar="DIR",
                    help="frozen-feature cache folder (default: the run's, else <data-dir>/.feature_cache)")
     g.add_argument("--no-feature-cache", action="store_true", help="predict from pixels even for a frozen run")
+    g.add_argument("--check-photos", default=None, choices=("header", "full"),
+                   help="read every photo's header first (default), or decode it in full")
+    g.add_argument("--allow-any-aspect", action="store_true", help="accept photos that are not 2:1 stereo pairs "
+                   "(split at the middle column, with a warning; default: the run's choice)")
     g.add_argument("--tta", action="store_true", help="average original, horizontal and vertical flips (in grams)")
     g.add_argument("--derive-dead", action="store_true",
                    help="Dead = max(0, Total - GDM) after the run's post-processing")

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        data_dir_help="folder with test.csv and its photos")
     paths.add_argument("--images", default=None, metavar="DIR", help="predict every .jpg/.jpeg/.png in DIR instead of "
                        "test.csv")
+    paths.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --images, also read its subfolders (the output names photos by relative path)")
     paths.add_argument("--out", default=None, metavar="FILE", help="output CSV (default: RUN/submission.csv, or "
                        "RUN/photo_predictions.csv with --images)")
     return p

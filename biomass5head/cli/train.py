@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-path", default="./data", help="directory with train.csv and train/")
     g.add_argument("--output-dir", default=None, help="run folder (default ./outputs/5head_YYYYMMDD_HHMMSS/)")
 
+    g.add_argument("--check-photos", default="header", choices=("header", "full"),
+                   help="before training, read every photo's header (size, mode), or decode it in full")
+    g.add_argument("--allow-any-aspect", action="store_true",
+                   help="accept photos that are not 2:1 stereo pairs (split at the middle column, with a warning)")
+
     g = p.add_argument_group("Model architecture")
     g.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm ViT name")
     g.add_argument("--grid", type=int, nargs=2, default=[2, 2], metavar=("ROWS", "COLS"), help="tile grid per view")
@@ -140,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cv-strategy", default="group_month", choices=CV_STRATEGIES)
     g.add_argument("--fold-csv", default=None, help="CSV with sample_id_prefix,fold (overrides --cv-strategy)")
 
+    g = p.add_argument_group("Device & misc")
+    g.add_argument("--device-type", default=None, choices=("cuda", "mps", "cpu"), help="default: auto-detect")
+    g.add_argument("--seed", type=int, default=18)
+
     g = p.add_argument_group("Stopping and resuming")
     g.add_argument("--resume", default=None, metavar="RUN", help="continue the stopped run in RUN with its own "
                    f"config.json (other options: only {', '.join(RESUME_OPTIONS)})")
@@ -147,10 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the resume state at the end of an epoch when this long has passed since the last "
                         "write (it is always written when a run stops); 0: every epoch")
     g.add_argument("--keep-last", action="store_true", help="keep 5head_last_fold{k}.pth after its fold ends")
-
-    g = p.add_argument_group("Device & misc")
-    g.add_argument("--device-type", default=None, choices=("cuda", "mps", "cpu"), help="default: auto-detect")
-    g.add_argument("--seed", type=int, default=18)
     return p
 
 
@@ -178,7 +183,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         data=DataConfig(base_path=args.base_path, batch_size=args.batch_size, num_workers=args.num_workers,
                         cache_images=args.cache_images, prefetch_factor=args.prefetch_factor,
                         num_folds=args.num_folds, train_folds=train_folds, cv_strategy=args.cv_strategy,
-                        fold_csv=args.fold_csv),
+                        fold_csv=args.fold_csv, check_photos=args.check_photos,
+                        allow_any_aspect=args.allow_any_aspect),
         aug=AugConfig(aug_prob=args.aug_prob, stereo_correct_aug=args.stereo_correct_aug,
                       stereo_swap_prob=args.stereo_swap_prob, mixup_prob=args.mixup_prob,
                       mixup_alpha=args.mixup_alpha, cutmix_prob=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha),

@@ -29,6 +29,10 @@ TRAIN_COLUMNS: tuple[str, ...] = (
 )
 TEST_COLUMNS: tuple[str, ...] = ("sample_id", "image_path", "target_name")
 META_COLUMNS: tuple[str, ...] = ("image_path", "Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm")
+# Plausibility: the identities hold to this (absolute grams or fraction of the larger side), and no target of a
+# quadrat photo comes near MAX_PLAUSIBLE_G (the real maximum Total is 186 g).
+IDENTITY_TOLERANCE_G, IDENTITY_TOLERANCE_REL = 1.0, 0.02
+MAX_PLAUSIBLE_G = 2000.0
 DATE_FORMAT = "%Y/%m/%d"  # e.g. 2015/9/4; strptime also takes zero-padded months and days
 
 
@@ -221,18 +225,44 @@ def _read_checked(base_path, name: str, columns) -> tuple[Path, pd.DataFrame, li
     return path, df, problems
 
 
-def load_train(base_path: str | os.PathLike) -> pd.DataFrame:
+def implausible_targets(wide: pd.DataFrame) -> list[str]:
+    """Images whose targets break the competition's identities (GDM = Green + Clover, Total = Green + Dead +
+    Clover; the real data hold both to rounding) or exceed MAX_PLAUSIBLE_G, one line each naming the values."""
+    g, d, c, gdm, total = (wide[t].to_numpy(float) for t in TARGETS)
+    lines = []
+    for i, name in enumerate(wide["sample_id_prefix"]):
+        parts = []
+        if abs(gdm[i] - (g[i] + c[i])) > max(IDENTITY_TOLERANCE_G, IDENTITY_TOLERANCE_REL * gdm[i]):
+            parts.append(f"GDM_g {gdm[i]:g} != Green + Clover {g[i] + c[i]:g}")
+        if abs(total[i] - (g[i] + d[i] + c[i])) > max(IDENTITY_TOLERANCE_G, IDENTITY_TOLERANCE_REL * total[i]):
+            parts.append(f"Dry_Total_g {total[i]:g} != Green + Dead + Clover {g[i] + d[i] + c[i]:g}")
+        high = [f"{t} {wide[t].iloc[i]:g}" for t in TARGETS if wide[t].iloc[i] > MAX_PLAUSIBLE_G]
+        if high:
+            parts.append(f"above {MAX_PLAUSIBLE_G:g} g: {', '.join(high)}")
+        if parts:
+            lines.append(f"image {name}: {'; '.join(parts)}")
+    return lines
+
+
+def load_train(base_path: str | os.PathLike, strict: bool = False) -> pd.DataFrame:
     """Read and validate BASE/train.csv; return one row per image, sorted by sample_id_prefix.
 
     Columns: sample_id_prefix, image_path, Sampling_Date, State, Species, Pre_GSHH_NDVI, Height_Ave_cm, the five
     TARGETS (grams), month, species_group, state_idx, month_idx, species_idx (IGNORE_INDEX where unknown),
-    abs_path. Raises DataError listing every problem found (file, line or sample_id, value).
+    abs_path. Raises DataError listing every problem found (file, line or sample_id, value). Implausible targets
+    (`implausible_targets`) are a warning, an error when `strict`.
     """
     path, df, problems = _read_checked(base_path, "train.csv", TRAIN_COLUMNS)
     values = _parse_values(df, path.name, problems)
     _check_per_image(df, values, path.name, problems)
     _raise_if(problems, path)
     wide = _to_wide(df, values)
+    implausible = implausible_targets(wide)
+    if implausible and strict:
+        raise DataError(f"{path}: {len(implausible)} image(s) with implausible targets:\n  " + "\n  ".join(implausible))
+    if implausible:
+        log.warning("%s: %d image(s) with implausible targets (an error with --strict):\n  %s", path.name,
+                    len(implausible), "\n  ".join(implausible[:20]))
     _warn_labels(wide, path.name)
     shared = wide.loc[wide["image_path"].duplicated(keep=False)]
     for rel, ids in shared.groupby("image_path")["sample_id_prefix"]:

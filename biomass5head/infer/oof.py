@@ -16,7 +16,15 @@ from biomass5head.data.tables import load_train
 from biomass5head.device import Runtime
 from biomass5head.fileio import write_csv, write_json
 from biomass5head.infer.fold_model import finish, load_fold_model, predict_grams
-from biomass5head.infer.run_folder import InferenceOptions, Run, RunError, open_run, resolve_options, runtime
+from biomass5head.infer.run_folder import (
+    InferenceOptions,
+    Run,
+    RunError,
+    check_run_photos,
+    open_run,
+    resolve_options,
+    runtime,
+)
 from biomass5head.metrics import compute_metrics, format_metrics_table
 from biomass5head.plots import plot_pred_vs_true
 
@@ -121,6 +129,7 @@ def evaluate(model_dir: str | Path, given: dict) -> dict:
     if not (Path(opts.data_dir) / "train.csv").is_file():
         raise RunError(f"no train.csv in {opts.data_dir} (the run's --base-path unless --data-dir is given)")
     df = load_train(opts.data_dir)
+    check_run_photos(opts, df["abs_path"], "training photos")
     folds = read_run_folds(run, df, given.get("num_folds"))
     rt = runtime(opts)
     logger.info("evaluating %s: %d images, checkpoints of folds %s, device %s, %s", run.path, len(df),

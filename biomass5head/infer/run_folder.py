@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from biomass5head.config import DataConfig, RunConfig
+from biomass5head.data.photo_check import check_photos
 from biomass5head.device import Runtime, resolve_runtime
 from biomass5head.model.checkpoint import find_checkpoints, load_checkpoint
 
@@ -120,6 +121,8 @@ def resolve_options(run: Run, given: dict[str, Any]) -> InferenceOptions:
                        "predictions to differ from the validated ones", img_size, cfg.model.img_size)
     data_dir = str(given.get("data_dir") or cfg.data.base_path)
     picked = {k: given[k] if given.get(k) is not None else getattr(cfg.data, k) for k in ("batch_size", "num_workers")}
+    picked.update(check_photos=given.get("check_photos") or "header",
+                  allow_any_aspect=bool(given.get("allow_any_aspect")) or cfg.data.allow_any_aspect)
     feature_cache = None
     # A backbone frozen for the whole run has the features training cached: reuse them (and cache new photos).
     if cfg.train.mode == "head_only" and cfg.cache.enabled and not given.get("no_feature_cache"):
@@ -141,3 +144,11 @@ def runtime(opts: InferenceOptions) -> Runtime:
         return resolve_runtime(opts.device, opts.cfg.train.amp_dtype, opts.cfg.data.num_workers)
     except ValueError as exc:  # its messages name training's --device-type
         raise RunError(str(exc).replace("--device-type", "--device")) from exc
+
+
+def check_run_photos(opts: InferenceOptions, paths, what: str, any_aspect: bool = False) -> None:
+    """The photos a command is about to predict, checked as training checks its own (`data.photo_check`);
+    `any_aspect` accepts photos that are not 2:1 with a warning (`predict --images`)."""
+    m, d = opts.cfg.model, opts.cfg.data
+    check_photos(paths, m.grid, m.img_size, level=d.check_photos, allow_any_aspect=any_aspect or d.allow_any_aspect,
+                 what=what)

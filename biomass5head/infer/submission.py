@@ -15,22 +15,40 @@ from biomass5head.data.tables import load_test
 from biomass5head.device import Runtime
 from biomass5head.fileio import write_csv
 from biomass5head.infer.fold_model import finish, load_fold_model, predict_grams
-from biomass5head.infer.run_folder import InferenceOptions, Run, RunError, open_run, resolve_options, runtime
+from biomass5head.infer.run_folder import (
+    InferenceOptions,
+    Run,
+    RunError,
+    check_run_photos,
+    open_run,
+    resolve_options,
+    runtime,
+)
 
 logger = logging.getLogger(__name__)
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 
-def list_photos(folder: str | Path) -> pd.DataFrame:
-    """One row per photo of `folder` (file name `image`, `abs_path`), sorted by name; none is an error."""
+def list_photos(folder: str | Path, recursive: bool = True) -> pd.DataFrame:
+    """One row per photo in `folder` (and its subfolders when `recursive`): `image` (the path relative to the
+    folder) and `abs_path`, sorted by `image`. Files skipped by their suffix are logged; no photo is an error."""
     folder = Path(folder)
     if not folder.is_dir():
         raise RunError(f"--images {folder} is not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
+    paths = [p for p in files if p.suffix.lower() in PHOTO_SUFFIXES]
+    skipped = [p for p in files if p.suffix.lower() not in PHOTO_SUFFIXES and not p.name.startswith(".")]
+    if skipped:
+        names = ", ".join(str(p.relative_to(folder)) for p in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        logger.warning("--images %s: skipped %d file(s) that are not photos (by suffix; photos are %s): %s", folder,
+                       len(skipped), " ".join(PHOTO_SUFFIXES), names)
+    if not recursive and any(p.is_dir() for p in folder.iterdir()):
+        logger.info("--images %s: subfolders not read (--no-recursive)", folder)
     if not paths:
         raise RunError(f"--images {folder} holds no photos ({', '.join(PHOTO_SUFFIXES)})")
-    return pd.DataFrame({"image": [p.name for p in paths], "abs_path": [str(p.resolve()) for p in paths]})
+    return pd.DataFrame({"image": [p.relative_to(folder).as_posix() for p in paths],
+                         "abs_path": [str(p.resolve()) for p in paths]})
 
 
 def predict_ensemble(run: Run, df: pd.DataFrame, opts: InferenceOptions, rt: Runtime) -> np.ndarray:
@@ -58,10 +76,12 @@ def run_predict(model_dir: str | Path, given: dict, images_dir: str | None = Non
     run = open_run(model_dir)
     opts = resolve_options(run, given)
     if images_dir:
-        images, rows = list_photos(images_dir), None
+        images, rows = list_photos(images_dir, recursive=given.get("recursive", True)), None
+        check_run_photos(opts, images["abs_path"], f"photos in {images_dir}", any_aspect=True)
         out = Path(out) if out else run.path / "photo_predictions.csv"
     else:
         images, rows = load_test(opts.data_dir)
+        check_run_photos(opts, images["abs_path"], "test photos")
         out = Path(out) if out else run.path / "submission.csv"
     rt = runtime(opts)
     logger.info("predicting %d photo(s) with the average of folds %s, device %s, %s, TTA %s", len(images),

@@ -22,6 +22,7 @@ from biomass5head.constants import COMPETITION_WEIGHTS, TARGETS
 from biomass5head.data.datasets import build_image_cache
 from biomass5head.data.folds import FoldError, fold_summary, make_folds, read_fold_csv, write_folds
 from biomass5head.data.images import TileSpec
+from biomass5head.data.photo_check import check_photos
 from biomass5head.data.tables import load_train
 from biomass5head.device import resolve_runtime
 from biomass5head.fileio import write_json
@@ -90,6 +91,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     rt = resolve_runtime(cfg.device_type, cfg.train.amp_dtype, cfg.data.num_workers)
     out_dir = Path(cfg.output_dir) if resume else prepare_output_dir(cfg.output_dir)
     df = load_train(cfg.data.base_path)
+    check_photos(df["abs_path"], cfg.model.grid, cfg.model.img_size, level=cfg.data.check_photos,
+                 allow_any_aspect=cfg.data.allow_any_aspect, what="training photos")
     folds = read_fold_csv(out_dir / "folds.csv", df, cfg.data.num_folds) if resume else assign_folds(cfg, df)
     missing = [k for k in cfg.data.train_folds if not (folds == k).any()]
     if missing:

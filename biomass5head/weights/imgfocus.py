@@ -5,7 +5,6 @@ file (`weights.onnx_import` reads the ONNX graph) and checked against it. The co
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +115,5 @@ def _save(state_dict, out: Path, metadata: dict[str, str]) -> None:
     """Write the safetensors file atomically (temporary file beside it, then a rename)."""
     from safetensors.torch import save_file
 
-
     with atomic_path(out) as tmp:
         save_file(state_dict, str(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the temporary file is private (0600); the weights need not be
