@@ -29,6 +29,9 @@ class WriteError(OSError):
     """A file that could not be written, with the path and the cause in one line (the earlier file, if any, is
     unchanged)."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def _write_error(path: Path, exc: BaseException, free: int | None) -> WriteError | None:
     """The WriteError for a failed write, or None when the failure is not about the file system."""

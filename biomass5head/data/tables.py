@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ META_COLUMNS: tuple[str, ...] = ("image_path", "Sampling_Date", "State", "Specie
 # quadrat photo comes near MAX_PLAUSIBLE_G (the real maximum Total is 186 g).
 IDENTITY_TOLERANCE_G, IDENTITY_TOLERANCE_REL = 1.0, 0.02
 MAX_PLAUSIBLE_G = 2000.0
-DATE_FORMAT = "%Y/%m/%d"  # e.g. 2015/9/4; strptime also takes zero-padded months and days
+DATE_FORMATS = ("%Y/%m/%d", "%Y-%m-%d")  # 2015/9/4 as the competition writes it, or ISO; zero padding optional
 
 
 class DataError(ValueError):
@@ -70,6 +71,10 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     problems = []
     if missing:
         problems.append(f"{path.name} line 1 (header): missing column(s) {missing}")
+        for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+            if len(df.columns) == 1 and sep in df.columns[0]:
+                problems.append(f"{path.name} looks separated by {name}: save it with commas (the competition's "
+                                "format)")
     if extra:
         problems.append(f"{path.name} line 1 (header): unexpected column(s) {extra}; expected exactly {list(columns)}")
     _raise_if(problems, path)
@@ -155,12 +160,20 @@ def _parse_values(df: pd.DataFrame, fname: str, problems: list[str]) -> pd.DataF
             out[name].append(value)
             if problem:
                 problems.append(f"{where}: {problem}")
-        try:
-            out["month"].append(datetime.strptime(rec["Sampling_Date"], DATE_FORMAT).month)
-        except ValueError:
-            out["month"].append(-1)
-            problems.append(f"{where}: Sampling_Date {rec['Sampling_Date']!r} is not a date written YYYY/M/D")
+        month = _month(rec["Sampling_Date"])
+        out["month"].append(month)
+        if month < 0:
+            problems.append(f"{where}: Sampling_Date {rec['Sampling_Date']!r} is not a date written YYYY/M/D "
+                            "(or YYYY-MM-DD)")
     return pd.DataFrame(out, index=df.index)
+
+
+def _month(text: str) -> int:
+    """The month of a date written as the competition does (2015/9/4) or ISO (2015-09-04); -1 for neither."""
+    for fmt in DATE_FORMATS:
+        with contextlib.suppress(ValueError):
+            return datetime.strptime(text, fmt).month
+    return -1
 
 
 def _check_per_image(df: pd.DataFrame, values: pd.DataFrame, fname: str, problems: list[str]) -> None:

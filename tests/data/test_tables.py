@@ -305,3 +305,29 @@ def test_all_problems_reported_together(tmp_path):
     for text in expected:
         assert text in msg
     assert str(tmp_path / "train.csv") in msg.splitlines()[0]
+
+
+def test_iso_dates_are_read_and_semicolons_get_a_hint(tmp_path):
+    rows = train_rows()
+    for r in rows:
+        y, m, d = r["Sampling_Date"].split("/")
+        r["Sampling_Date"] = f"{y}-{int(m):02d}-{int(d):02d}"
+    make_train(tmp_path, rows)
+    assert sorted(load_train(tmp_path)["month"]) == [4, 9, 11]
+    text = (tmp_path / "train.csv").read_text().replace(",", ";")
+    (tmp_path / "train.csv").write_text(text)
+    with pytest.raises(DataError, match="train.csv looks separated by semicolons: save it with commas"):
+        load_train(tmp_path)
+
+
+def test_implausible_targets_warn_by_default_and_fail_when_strict(tmp_path, caplog):
+    rows = train_rows()
+    rows[4]["target"] = "1e12"  # ID003's Dry_Total_g, while Green + Dead + Clover is 48.27 g
+    make_train(tmp_path, rows)
+    with caplog.at_level(logging.WARNING):
+        assert len(load_train(tmp_path)) == 3
+    assert "1 image(s) with implausible targets" in caplog.text
+    assert "image ID003: Dry_Total_g 1e+12 != Green + Dead + Clover 48.2735; above 2000 g: Dry_Total_g 1e+12" \
+        in caplog.text
+    with pytest.raises(DataError, match="implausible targets"):
+        load_train(tmp_path, strict=True)
