@@ -201,7 +201,7 @@ def test_non_numeric_ndvi_and_height_are_errors(tmp_path):
     assert "train.csv line 6 (ID003__Dry_Total_g): Height_Ave_cm '-3' is negative" in msg
 
 
-@pytest.mark.parametrize("date", ["2015-13-01", "2015/13/1", "04.09.2015", "yesterday", ""]  # ISO itself is accepted)
+@pytest.mark.parametrize("date", ["2015-13-01", "2015/13/1", "04.09.2015", "yesterday", ""])  # ISO itself is accepted
 def test_unparseable_date(tmp_path, date):
     rows = train_rows()
     for r in rows[:5]:
