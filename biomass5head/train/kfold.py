@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -110,10 +111,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             done = {int(k): r for k, r in json.loads((out_dir / "summary.json").read_text())["folds"].items()}
         logger.info("resuming %s: folds %s finished", out_dir, sorted(done) or "none")
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
         record = {**cfg.to_dict(), "runtime": rt.record()}  # config.json, also inside every checkpoint
-        write_json(out_dir / "config.json", record)
-        write_folds(out_dir / "folds.csv", df, folds)
+        start_run_folder(out_dir, record, df, folds)
         logger.info("run folder: %s", out_dir)
     tiles = TileSpec(cfg.model.grid, cfg.model.img_size, *mean_std)
     cache = build_image_cache(df["abs_path"], tiles) if cfg.data.cache_images else None
@@ -128,6 +127,20 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     logger.info("mean best weighted R2 over folds %s: %.4f (baseline %.4f); outputs in %s",
                 list(cfg.data.train_folds), summary["mean_best_score"], summary["mean_baseline_train_mean_r2"], out_dir)
     return summary
+
+
+def start_run_folder(out_dir: Path, record: dict, df: pd.DataFrame, folds: np.ndarray) -> None:
+    """Create the run folder with config.json and folds.csv; a folder this call created is removed again when
+    either cannot be written, so a failed start leaves nothing behind."""
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "config.json", record)
+        write_folds(out_dir / "folds.csv", df, folds)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def train_fold(cfg: RunConfig, fold: int, df: pd.DataFrame, folds: np.ndarray, rt, out_dir: Path, cache,
