@@ -47,6 +47,7 @@ def test_each_subcommand_shows_its_own_help_under_its_console_name(name, capsys)
     assert f"usage: biomass5head {name}" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # four fresh interpreters: about 11 s on 2 cores
 def test_console_script_and_module_run_from_any_folder(tiny_data, tmp_path):
     script = shutil.which("biomass5head", path=str(Path(sys.executable).parent))
     assert script, "the console script is not installed next to this Python"

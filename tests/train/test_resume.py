@@ -23,6 +23,8 @@ MODES = {
     "two_stage_in_stage_2": (["--two-stage", "--freeze-epochs", "2"], 3),
     "cached": (["--freeze-backbone", "--aug-prob", "0"], 2),
 }
+# The single-stage case runs by default; the others in .ci/run's slow pass (they take 4-6 s each on 2 cores).
+MODE_PARAMS = [pytest.param(m, marks=[] if m == "single_stage" else [pytest.mark.slow]) for m in sorted(MODES)]
 TIMING = ["seconds", "samples_per_s"]
 
 
@@ -44,7 +46,7 @@ def _run(data, out, extra, stop_at=None, signum=signal.SIGTERM) -> int:
         return main(argv)
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_a_stopped_and_resumed_run_ends_like_an_uninterrupted_one(mode, tiny_data, tmp_path, capsys):
     extra, stop_at = MODES[mode]
     assert _run(tiny_data, tmp_path / "a" / "run", extra) == 0
