@@ -1,5 +1,6 @@
-"""One fold model of a finished run: rebuilt from its checkpoint (no pretrained weights, so this works offline) and
-run over photos to grams, from pixels or from the frozen-feature cache.
+"""A finished run's fold models: each rebuilt from its checkpoint (no pretrained weights, so this works offline) and
+run over photos to grams, from pixels or from the frozen-feature cache; out of fold (`predict_oof`) or as the
+average of all folds (`predict_ensemble`).
 
 Context adjustment uses each fold's own ratios, so it is applied here, per fold model; Dead correction and
 derive-dead act on the final prediction (`finish`: the fold's for OOF, the fold average for prediction).
@@ -21,7 +22,7 @@ from biomass5head.data.datasets import BiomassDataset, FeatureDataset, make_load
 from biomass5head.data.feature_cache import FeatureCache, ensure_features, state_dict_digest
 from biomass5head.data.images import TileSpec
 from biomass5head.device import Runtime
-from biomass5head.infer.run_folder import InferenceOptions, RunError, check_against
+from biomass5head.infer.run_folder import InferenceOptions, Run, RunError, check_against
 from biomass5head.model.checkpoint import CHECKPOINT_RE, load_checkpoint
 from biomass5head.model.five_head import build_model
 from biomass5head.model.postprocess import apply_postprocess
@@ -130,3 +131,34 @@ def finish(pred: np.ndarray, opts: InferenceOptions) -> np.ndarray:
     p = opts.cfg.post
     return apply_postprocess(pred, correction_threshold=p.correction_threshold,
                              always_correct_dead=p.always_correct_dead, derive_dead=opts.derive_dead)
+
+
+def predict_oof(run: Run, df: pd.DataFrame, folds: np.ndarray, opts: InferenceOptions, rt: Runtime
+                ) -> tuple[np.ndarray, list[int], list[int]]:
+    """Out-of-fold grams: each row of `df` by the model of its fold (`folds`, aligned with df), post-processed.
+    Returns (pred (N, 5), NaN in rows of folds without a checkpoint; folds evaluated; folds skipped)."""
+    pred = np.full((len(df), 5), np.nan)
+    evaluated, skipped = [], []
+    for fold in sorted(set(folds.tolist())):
+        rows = np.flatnonzero(folds == fold)
+        if fold not in run.checkpoints:
+            logger.warning("fold %d: no checkpoint in %s, its %d image(s) are skipped", fold, run.path, len(rows))
+            skipped.append(fold)
+            continue
+        fm = load_fold_model(run.checkpoints[fold], opts, rt.device)
+        grams = predict_grams(fm, df.iloc[rows], opts, rt, desc=f"fold {fold} OOF")
+        pred[rows] = finish(grams, opts)
+        evaluated.append(fold)
+        del fm
+    return pred, evaluated, skipped
+
+
+def predict_ensemble(run: Run, df: pd.DataFrame, opts: InferenceOptions, rt: Runtime) -> np.ndarray:
+    """(N, 5) grams: the average of every fold model's prediction (each decoded by its own transform and context
+    ratios), then the run's Dead correction and --derive-dead."""
+    total = np.zeros((len(df), 5))
+    for fold, path in run.checkpoints.items():
+        fm = load_fold_model(path, opts, rt.device)
+        total += predict_grams(fm, df, opts, rt, desc=f"fold {fold}")
+        del fm
+    return finish(total / len(run.checkpoints), opts)

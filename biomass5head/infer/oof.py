@@ -13,12 +13,9 @@ import pandas as pd
 from biomass5head.constants import TARGETS
 from biomass5head.data.folds import FoldError, read_fold_csv
 from biomass5head.data.tables import load_train
-from biomass5head.device import Runtime
 from biomass5head.fileio import write_csv, write_json
-from biomass5head.infer.fold_model import finish, load_fold_model, predict_grams
+from biomass5head.infer.fold_model import predict_oof
 from biomass5head.infer.run_folder import (
-    InferenceOptions,
-    Run,
     RunError,
     check_run_photos,
     open_run,
@@ -34,26 +31,6 @@ META = ["sample_id_prefix", "fold", "image_path", "Sampling_Date", "State", "Spe
         "Height_Ave_cm"]
 TRUE_COLS = [f"true_{t}" for t in TARGETS]
 PRED_COLS = [f"pred_{t}" for t in TARGETS]
-
-
-def predict_oof(run: Run, df: pd.DataFrame, folds: np.ndarray, opts: InferenceOptions, rt: Runtime
-                ) -> tuple[np.ndarray, list[int], list[int]]:
-    """Out-of-fold grams: each row of `df` by the model of its fold (`folds`, aligned with df), post-processed.
-    Returns (pred (N, 5), NaN in rows of folds without a checkpoint; folds evaluated; folds skipped)."""
-    pred = np.full((len(df), 5), np.nan)
-    evaluated, skipped = [], []
-    for fold in sorted(set(folds.tolist())):
-        rows = np.flatnonzero(folds == fold)
-        if fold not in run.checkpoints:
-            logger.warning("fold %d: no checkpoint in %s, its %d image(s) are skipped", fold, run.path, len(rows))
-            skipped.append(fold)
-            continue
-        fm = load_fold_model(run.checkpoints[fold], opts, rt.device)
-        grams = predict_grams(fm, df.iloc[rows], opts, rt, desc=f"fold {fold} OOF")
-        pred[rows] = finish(grams, opts)
-        evaluated.append(fold)
-        del fm
-    return pred, evaluated, skipped
 
 
 def read_run_folds(run, df: pd.DataFrame, num_folds: int | None) -> np.ndarray:

@@ -12,12 +12,9 @@ import pandas as pd
 
 from biomass5head.constants import TARGETS
 from biomass5head.data.tables import load_test
-from biomass5head.device import Runtime
 from biomass5head.fileio import write_csv
-from biomass5head.infer.fold_model import finish, load_fold_model, predict_grams
+from biomass5head.infer.fold_model import predict_ensemble
 from biomass5head.infer.run_folder import (
-    InferenceOptions,
-    Run,
     RunError,
     check_run_photos,
     open_run,
@@ -49,17 +46,6 @@ def list_photos(folder: str | Path, recursive: bool = True) -> pd.DataFrame:
         raise RunError(f"--images {folder} holds no photos ({', '.join(PHOTO_SUFFIXES)})")
     return pd.DataFrame({"image": [p.relative_to(folder).as_posix() for p in paths],
                          "abs_path": [str(p.resolve()) for p in paths]})
-
-
-def predict_ensemble(run: Run, df: pd.DataFrame, opts: InferenceOptions, rt: Runtime) -> np.ndarray:
-    """(N, 5) grams: the average of every fold model's prediction (each decoded by its own transform and context
-    ratios), then the run's Dead correction and --derive-dead."""
-    total = np.zeros((len(df), 5))
-    for fold, path in run.checkpoints.items():
-        fm = load_fold_model(path, opts, rt.device)
-        total += predict_grams(fm, df, opts, rt, desc=f"fold {fold}")
-        del fm
-    return finish(total / len(run.checkpoints), opts)
 
 
 def submission(rows: pd.DataFrame, images: pd.DataFrame, pred: np.ndarray) -> pd.DataFrame:

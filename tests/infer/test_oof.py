@@ -16,7 +16,7 @@ from biomass5head.constants import CLOVER, COMPETITION_WEIGHTS, DEAD, GDM, GREEN
 from biomass5head.data.datasets import BiomassDataset
 from biomass5head.data.images import IMAGENET_MEAN, IMAGENET_STD, TileSpec
 from biomass5head.data.tables import load_train
-from biomass5head.infer import fold_model, oof
+from biomass5head.infer import fold_model
 from biomass5head.model import backbone
 from biomass5head.model.checkpoint import load_checkpoint
 from biomass5head.model.five_head import build_model
@@ -183,7 +183,7 @@ def test_tta_leaves_a_flip_invariant_model_unchanged(toy, invariant, tiny_run, t
     def fake_load(path, opts, device):
         return fold_model.FoldModel(0, toy(), TargetTransform(np.ones(5), log_target=False), None)
 
-    monkeypatch.setattr(oof, "load_fold_model", fake_load)
+    monkeypatch.setattr(fold_model, "load_fold_model", fake_load)
     preds = []
     for extra in ([], ["--tta"]):
         run_dir = link_run(tiny_run, tmp_path / f"run{len(extra)}")
