@@ -13,6 +13,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # do not depend on which entry point ran first.
 configure_cpu_threads()
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA exists and are skipped elsewhere, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; this machine has none (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 TINY_BACKBONE = "vit_small_patch14_reg4_dinov2.lvd142m"
 TINY_TRAIN_ARGS = [
     "--backbone", TINY_BACKBONE, "--no-pretrained", "--img-size", "28", "--batch-size", "4",

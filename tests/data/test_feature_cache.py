@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -320,3 +321,14 @@ def test_bank_key_changes_with_seed_and_augmentation():
             plan("--freeze-backbone", "--aug-prob", "0.3").aug_key,
             plan("--freeze-backbone", "--stereo-correct-aug").aug_key}
     assert len(keys) == 4
+
+
+def test_a_corrupt_entry_is_recomputed_not_read(model, photos, tmp_path, caplog):
+    cache, table = build(tmp_path / "cache", model, photos[:2])
+    damaged = cache.file(photos[0], "id")
+    damaged.write_bytes(damaged.read_bytes()[:40])  # a half-written entry, e.g. from a killed process
+    with caplog.at_level(logging.WARNING), spies() as rec:
+        _, again = build(tmp_path / "cache", model, photos[:2])
+    assert f"unreadable entry {damaged}, recomputing" in caplog.text and rec.encodes > 0
+    np.testing.assert_array_equal(again[str(photos[0])]["id"], table[str(photos[0])]["id"])
+    np.testing.assert_array_equal(np.load(damaged), table[str(photos[0])]["id"])  # rewritten whole

@@ -107,6 +107,8 @@ def train(tmp_path_factory, data: Path, *args: str, scores: list[float] | None =
         argv.append("--no-pretrained")
     if output_dir:
         argv += ["--output-dir", str(out)]
+    if "--feature-cache" not in args and "--no-feature-cache" not in args:  # a cache of the run's own: no test
+        argv += ["--feature-cache", str(out.parent / "feature_cache")]  # depends on what ran before it
     run = Run(out)
     handler = _ListHandler()
     logging.getLogger().addHandler(handler)

@@ -260,3 +260,22 @@ def test_bfloat16_pred_is_computed_in_float32():
     target = tf.encode(_consistent_grams()).float()
     loss, _ = BiomassLoss(tf)(target.bfloat16(), target)
     assert loss.dtype == torch.float32 and math.isfinite(float(loss))
+
+
+def test_dead_aware_loss_against_its_formula_on_three_rows():
+    """Worked by hand: share * (mean huber2(log1p(Dead) - log1p(true Dead)) + 0.5 * mean huber2(log1p(Dead) -
+    log1p(max(0, Total - GDM)))) with huber2(e) = e^2 for |e| <= 1 and 2|e| - 1 beyond; share = 0.2 / 1.0."""
+    tf = TargetTransform(torch.ones(5).numpy(), log_target=False)
+    pred = torch.tensor([[10.0, 4.0, 1.0, 11.0, 15.0],     # implied Dead 15 - 11 = 4: the tie is 0
+                         [5.0, 0.0, 0.0, 5.0, 20.0],       # implied 15: log1p gap 2.77 > 1, linear part
+                         [2.0, 3.0, 1.0, 3.0, 2.0]])       # Total < GDM: implied max(0, -1) = 0
+    true = torch.tensor([[10.0, 4.0, 1.0, 11.0, 15.0], [5.0, 2.0, 0.0, 5.0, 7.0], [2.0, 0.0, 1.0, 3.0, 3.0]])
+    crit = BiomassLoss(tf, use_dead_aware=True)
+
+    def huber2(e):
+        return e * e if abs(e) <= 1 else 2 * abs(e) - 1
+
+    fit = [huber2(math.log1p(p) - math.log1p(t)) for p, t in ((4, 4), (0, 2), (3, 0))]
+    tie = [huber2(math.log1p(p) - math.log1p(i)) for p, i in ((4, 4), (0, 15), (3, 0))]
+    expected = 0.2 * (sum(fit) / 3 + 0.5 * sum(tie) / 3)
+    assert float(crit.dead_aware_loss(pred, true)) == pytest.approx(expected, rel=1e-6)

@@ -132,3 +132,44 @@ def test_out_of_memory_is_a_clear_error_naming_the_options_to_lower(tiny_data, t
     assert run.rc == 2
     assert "fold 0: cpu ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower --batch-size or " \
            "--img-size, or add --grad-ckpt" in run.log_text
+
+
+def _rescore(run, val_df) -> float:
+    """The raw weighted R2 of the fold-0 checkpoint on its validation images, computed here by hand: the model's
+    outputs times the per-target scale are grams (no log target), scored with compute_metrics."""
+    from biomass5head.data.datasets import BiomassDataset
+    from biomass5head.data.images import TileSpec
+    from biomass5head.metrics import compute_metrics
+
+    ckpt = run.ckpt()
+    cfg = RunConfig.from_dict(ckpt["config"])
+    model = biomass5head.model.five_head.build_model(cfg, pretrained=False)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    ds = BiomassDataset(val_df, TileSpec(cfg.model.grid, cfg.model.img_size, *model.mean_std))
+    with torch.no_grad():
+        reg = torch.cat([model(ds[i]["left"][None], ds[i]["right"][None])["reg"] for i in range(len(ds))])
+    grams = reg.double().numpy() * np.asarray(ckpt["target_transform"]["scale"])
+    return compute_metrics(val_df[list(TARGETS)].to_numpy(np.float64), grams)["weighted_r2"]
+
+
+def test_the_checkpoint_holds_the_best_epochs_weights_and_the_baseline_is_the_training_mean(tiny_data,
+                                                                                              tmp_path_factory):
+    """Scripted validation scores make epoch 1 of 3 the best: the checkpoint must hold epoch 1's weights (its raw
+    score re-computed from the file equals epoch 1's logged raw score, not epoch 2's)."""
+    from spied_run import fold0_frames
+
+    from biomass5head.metrics import compute_metrics
+
+    run = train(tmp_path_factory, tiny_data, "--epochs", "3", "--warmup-epochs", "0", "--lr", "3e-3",
+                scores=[0.1, 0.9, 0.3])
+    assert run.rc == 0
+    log = run.log_df()
+    assert log["best"].tolist() == [True, True, False] and run.ckpt()["epoch"] == 1
+    assert log["val_weighted_r2_raw"][1] != pytest.approx(log["val_weighted_r2_raw"][2], abs=1e-6)
+    train_df, val_df = fold0_frames(tiny_data)
+    assert _rescore(run, val_df) == pytest.approx(log["val_weighted_r2_raw"][1], abs=1e-5)
+    mean = train_df[list(TARGETS)].to_numpy(np.float64).mean(0)
+    true = val_df[list(TARGETS)].to_numpy(np.float64)
+    baseline = compute_metrics(true, np.tile(mean, (len(true), 1)))["weighted_r2"]
+    assert run.summary["folds"]["0"]["baseline_train_mean_r2"] == pytest.approx(baseline, rel=1e-12)
