@@ -49,7 +49,9 @@ TRAINED_FOLDS = {"fold_csv": [0, 1, 2, 3, 4], "fold_csv_some_folds": [0, 2, 4]}
 
 def command(name: str, data: Path, out: Path) -> list[str]:
     args = [a.replace("{fold_csv}", str(data / "trainfold.csv")) for a in COMMANDS[name]]
-    return ["--base-path", str(data), "--output-dir", str(out), *args, *CPU_ARGS]
+    # a feature cache of the run's own, so no run depends on what other tests cached before it
+    return ["--base-path", str(data), "--output-dir", str(out), "--feature-cache", str(out.parent / "feature_cache"),
+            *args, *CPU_ARGS]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,8 @@ def runs(tiny_data, tmp_path_factory) -> dict[str, tuple[int, Path]]:
 @pytest.fixture(scope="module")
 def basic(tiny_data, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("e2e") / "basic"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same threads as the in-process runs
     proc = subprocess.run([sys.executable, "-m", "src.train_5head", *command("basic", tiny_data, out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     return proc, out

@@ -207,11 +207,19 @@ def test_folds_without_checkpoint_are_skipped_and_reported(tiny_run, tmp_path, c
 
 
 def test_img_size_may_differ_from_training(tiny_run, tmp_path, caplog):
+    """At 56 px the position embeddings are resampled and the photos tiled finer: other numbers than at the
+    trained 28 px (which `--img-size 28` reproduces exactly), still finite grams of the same images."""
     run_dir = link_run(tiny_run, tmp_path / "run", folds=(1,))
+    assert main(["--model-dir", str(run_dir)]) == 0
+    trained = read_outputs(run_dir)[0][PRED].to_numpy()
+    assert main(["--model-dir", str(run_dir), "--img-size", "28"]) == 0
+    np.testing.assert_array_equal(read_outputs(run_dir)[0][PRED].to_numpy(), trained)
+    assert "differs from training" not in caplog.text
     assert main(["--model-dir", str(run_dir), "--img-size", "56"]) == 0
     table, metrics = read_outputs(run_dir)
     assert (metrics["options"]["img_size"], metrics["options"]["img_size_trained"]) == (56, 28)
-    assert np.isfinite(table[PRED].to_numpy()).all()
+    larger = table[PRED].to_numpy()
+    assert np.isfinite(larger).all() and (larger >= 0).all() and not np.allclose(larger, trained, rtol=1e-3)
     assert "--img-size 56 differs from training (28)" in caplog.text
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -64,9 +65,10 @@ def test_submission_has_test_csvs_ids_in_order_from_the_fold_average(submission,
     np.testing.assert_allclose(sub["target"], want, rtol=1e-5)  # a row matched to the wrong photo is far off
 
 
-def _direct_grams(ckpt_path, paths) -> np.ndarray:
+def _direct_grams(ckpt_path, paths, with_context: bool = False):
     """(N, 5) grams of one checkpoint for photos, decoded by hand (log target: expm1 of output times scale), in the
-    run's batches of 4 and float32 (the tiny run's precision)."""
+    run's batches of 4 and float32 (the tiny run's precision); `with_context` adds the aux heads' probabilities
+    and the checkpoint's context ratios."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     assert ckpt["target_transform"]["log_target"] and ckpt["config"]["runtime"]["amp_dtype_used"] == "float32"
     cfg = RunConfig.from_dict(ckpt["config"])
@@ -76,8 +78,13 @@ def _direct_grams(ckpt_path, paths) -> np.ndarray:
     ds = BiomassDataset(pd.DataFrame({"abs_path": paths}), TileSpec(cfg.model.grid, cfg.model.img_size,
                                                                    *model.mean_std))
     with torch.no_grad():
-        reg = torch.cat([model(b["left"], b["right"])["reg"] for b in torch.utils.data.DataLoader(ds, batch_size=4)])
-    return np.expm1(reg.double().numpy() * np.asarray(ckpt["target_transform"]["scale"]))
+        outs = [model(b["left"], b["right"]) for b in torch.utils.data.DataLoader(ds, batch_size=4)]
+    reg = torch.cat([o["reg"] for o in outs])
+    grams = np.expm1(reg.double().numpy() * np.asarray(ckpt["target_transform"]["scale"]))
+    if not with_context:
+        return grams
+    probs = {h: torch.cat([o[h] for o in outs]).softmax(1).double().numpy() for h in ("state", "month", "species")}
+    return grams, probs, ckpt["context_ratios"]
 
 
 def test_images_folder_gives_one_row_per_photo(submission, run_dir, tiny_data, tmp_path):
@@ -139,3 +146,36 @@ def test_run_without_checkpoints_is_a_clear_error(tmp_path, caplog):
     assert main(["--model-dir", str(tmp_path / "run")]) == 2
     assert "holds no checkpoints" in caplog.text
     assert not (tmp_path / "run" / "submission.csv").exists()
+
+
+def test_context_adjustment_uses_each_folds_ratios_before_the_fold_average(run_dir, tiny_data, tmp_path):
+    """A run with --apply-context-adjustment: each fold's grams are adjusted with that fold's ratios and its aux
+    probabilities, then averaged (adjusting the average with one fold's ratios gives other numbers)."""
+    import json
+
+    from biomass5head.model.postprocess import apply_context_adjustment, correct_dead
+
+    ctx_run = tmp_path / "ctx"
+    ctx_run.mkdir()
+    for path in run_dir.iterdir():
+        if path.suffix == ".pth":
+            (ctx_run / path.name).symlink_to(path.resolve())
+    config = json.loads((run_dir / "config.json").read_text())
+    config["post"]["apply_context_adjustment"] = True
+    (ctx_run / "config.json").write_text(json.dumps(config))
+    images = tmp_path / "photos"
+    images.mkdir()
+    test = pd.read_csv(tiny_data / "test.csv").drop_duplicates("image_path")
+    for rel in test["image_path"]:
+        shutil.copy(tiny_data / rel, images / Path(rel).name)
+    assert main(["--model-dir", str(ctx_run), "--images", str(images)]) == 0
+    written = pd.read_csv(ctx_run / "photo_predictions.csv")
+    paths = [str(images / name) for name in written["image"]]
+    folds = [_direct_grams(p, paths, with_context=True) for p in sorted(ctx_run.glob("5head_best_fold*.pth"))]
+    per_fold = np.mean([apply_context_adjustment(g, probs, ratios) for g, probs, ratios in folds], axis=0)
+    expected = correct_dead(per_fold, threshold=0.15)
+    np.testing.assert_allclose(written[list(TARGETS)].to_numpy(), expected, rtol=1e-5)
+    g0, probs0, ratios0 = folds[0]
+    other_order = correct_dead(apply_context_adjustment(np.mean([f[0] for f in folds], axis=0), probs0, ratios0),
+                               threshold=0.15)
+    assert not np.allclose(expected, other_order, rtol=1e-3)

@@ -1,6 +1,8 @@
 """Frozen, two-stage and single-stage training and the precision each CPU gets, by their effect on a run."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from spied_run import (
@@ -106,3 +108,21 @@ def test_explicit_bfloat16_on_a_cpu_without_native_bfloat16_runs_with_a_warning(
 def test_amp_float32_turns_autocast_off(default_run):
     assert {f["autocast"] for f in default_run.forwards} == {False}
     assert "--amp-dtype" not in default_run.log_text
+
+
+def test_two_stage_restarts_warmup_and_patience_in_stage_2(tiny_data, tmp_path_factory):
+    """Scripted scores: stage 1 ends with 2 epochs without improvement (= --patience 2); carried over, that count
+    would skip stage 2 entirely. Each stage's first epoch starts its own warmup at 1/6 of its LR (6 steps)."""
+    run = train(tmp_path_factory, tiny_data, "--two-stage", "--freeze-epochs", "3", "--epochs", "7",
+                "--patience", "2", "--warmup-epochs", "1", "--head-lr-stage1", "1e-3", "--lr", "2e-4",
+                "--backbone-lr", "1e-5", scores=[0.5, 0.4, 0.3, 0.45, 0.6, 0.55, 0.5])
+    assert run.rc == 0
+    log = run.log_df()
+    assert log["stage"].tolist() == ["stage1"] * 3 + ["stage2"] * 4
+    assert log["best"].tolist() == [True, False, False, False, True, False, False]
+    assert run.ckpt()["epoch"] == 4
+    assert log["lr_head"][0] == pytest.approx(1e-3 / 6) and log["lr_backbone"][0] == 0
+    assert log["lr_head"][3] == pytest.approx(2e-4 / 6) and log["lr_backbone"][3] == pytest.approx(1e-5 / 6)
+    # stage 1: 3 epochs x 6 steps, warmup 6 steps, then cosine over the other 12
+    assert log["lr_head"][1] == pytest.approx(1e-3)
+    assert log["lr_head"][2] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 6 / 12))))
