@@ -40,7 +40,7 @@ def test_checkpoint_is_plain_data_with_config_fold_epoch_score_transform(default
     cfg = RunConfig.from_dict(ckpt["config"])
     assert cfg == config_from_args(build_parser().parse_args(
         ["--base-path", str(tiny_data), *FAST_ARGS, "--epochs", "2", "--no-pretrained", "--output-dir",
-         str(default_run.out)]))
+         str(default_run.out), "--feature-cache", str(default_run.out.parent / "feature_cache")]))
     fold = default_run.summary["folds"]["0"]
     log = default_run.log_df()
     assert ckpt["fold"] == 0 and ckpt["epoch"] == fold["best_epoch"]
