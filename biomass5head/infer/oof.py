@@ -15,13 +15,7 @@ from biomass5head.data.folds import FoldError, read_fold_csv
 from biomass5head.data.tables import load_train
 from biomass5head.fileio import write_csv, write_json
 from biomass5head.infer.fold_model import predict_oof
-from biomass5head.infer.run_folder import (
-    RunError,
-    check_run_photos,
-    open_run,
-    resolve_options,
-    runtime,
-)
+from biomass5head.infer.run_folder import RunError, check_run_photos, open_run, resolve_options, runtime
 from biomass5head.metrics import compute_metrics, format_metrics_table
 from biomass5head.plots import plot_pred_vs_true
 

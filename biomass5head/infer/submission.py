@@ -14,13 +14,7 @@ from biomass5head.constants import TARGETS
 from biomass5head.data.tables import load_test
 from biomass5head.fileio import write_csv
 from biomass5head.infer.fold_model import predict_ensemble
-from biomass5head.infer.run_folder import (
-    RunError,
-    check_run_photos,
-    open_run,
-    resolve_options,
-    runtime,
-)
+from biomass5head.infer.run_folder import RunError, check_run_photos, open_run, resolve_options, runtime
 
 logger = logging.getLogger(__name__)
 
