@@ -36,7 +36,8 @@ class WriteError(OSError):
 def _write_error(path: Path, exc: BaseException, free: int | None) -> WriteError | None:
     """The WriteError for a failed write, or None when the failure is not about the file system."""
     code = getattr(exc, "errno", None)
-    if code not in _WRITE_ERRNOS and free is not None and free < LOW_SPACE_BYTES:
+    if (code not in _WRITE_ERRNOS and isinstance(exc, (OSError, RuntimeError)) and free is not None
+            and free < LOW_SPACE_BYTES):
         code = errno.ENOSPC  # e.g. torch.save's "unexpected pos" when the disk filled up mid-write
     if code not in _WRITE_ERRNOS:
         return None
@@ -65,7 +66,8 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, _FILE_MODE)
+        with contextlib.suppress(OSError):  # some file systems (vfat, CIFS) refuse chmod: the file is still good
+            os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as exc:
         free = _free_bytes(path.parent) if isinstance(exc, Exception) else None  # before the partial file goes

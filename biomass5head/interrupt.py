@@ -32,8 +32,11 @@ def stop_on_signals():
         yield
         return
     received: list[int] = []
+    owner = os.getpid()
 
     def handler(signum, _frame):
+        if os.getpid() != owner:  # a DataLoader worker forked from us: torch's worker loop exits quietly on this
+            raise KeyboardInterrupt
         if received:
             os._exit(128 + signum)
         received.append(signum)

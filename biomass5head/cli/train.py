@@ -37,8 +37,10 @@ from biomass5head.config import (
 from biomass5head.constants import CV_STRATEGIES
 
 logger = logging.getLogger(__name__)
-# What may be given with --resume: none of them changes what the run computes.
-RESUME_OPTIONS = ("--num-workers", "--device-type", "--save-every", "--keep-last")
+# What may be given with --resume: where the data now is, and how the run executes. The run's results repeat exactly
+# with the recorded device and workers (the default); another --device-type or --num-workers gives a valid run whose
+# numbers differ slightly (other kernels; augmentation is seeded per DataLoader worker).
+RESUME_OPTIONS = ("--base-path", "--num-workers", "--device-type", "--save-every", "--keep-last")
 RESUME_DESTS = tuple(o[2:].replace("-", "_") for o in RESUME_OPTIONS)
 
 
@@ -224,19 +226,29 @@ def resume_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--resume {run_dir}: {path} is not valid JSON ({exc})") from exc
     cfg = RunConfig.from_dict(raw)
-    used = raw.get("runtime", {}).get("amp_dtype_used", cfg.train.amp_dtype)
-    data = replace(cfg.data, num_workers=args.num_workers if args.num_workers is not None else cfg.data.num_workers)
-    train = replace(cfg.train, amp_dtype=used, save_every=args.save_every, keep_last=args.keep_last)
-    return replace(cfg, data=data, train=train, output_dir=str(run_dir),
-                   device_type=args.device_type or cfg.device_type)
+    recorded = raw.get("runtime", {})
+    device = args.device_type or recorded.get("device", cfg.device_type or "")
+    workers = args.num_workers if args.num_workers is not None else recorded.get("num_workers_used",
+                                                                                  cfg.data.num_workers)
+    if (args.device_type and not recorded.get("device", "").startswith(args.device_type)) or \
+            (args.num_workers is not None and args.num_workers != recorded.get("num_workers_used")):
+        logger.warning("--resume with another device or number of DataLoader workers than the run used (%s, %s "
+                       "workers): it continues, but its numbers will not repeat an uninterrupted run exactly",
+                       recorded.get("device"), recorded.get("num_workers_used"))
+    data = replace(cfg.data, num_workers=workers, base_path=args.base_path if args.base_path != parser.get_default(
+        "base_path") else cfg.data.base_path)
+    train = replace(cfg.train, amp_dtype=recorded.get("amp_dtype_used", cfg.train.amp_dtype),
+                    save_every=args.save_every, keep_last=args.keep_last)
+    return replace(cfg, data=data, train=train, output_dir=str(run_dir), device_type=device.split(":")[0] or None)
 
 
 def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     from biomass5head.train.kfold import run  # here, so that --help answers without loading torch
 
+    command = prog("python -m src.train_5head")
     if args.resume:
-        return run(resume_config(args, parser), resume=True)
-    return run(config_from_args(args))
+        return run(resume_config(args, parser), resume=True, command=command)
+    return run(config_from_args(args), command=command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,10 +40,10 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # EXIF orientations that rotate by 90 degrees, i.e. swap width and height.
-_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # What PIL raises for unreadable data: OSError covers UnidentifiedImageError and "image file is truncated";
 # SyntaxError/struct.error/EOFError/ValueError come from broken headers in some plugins.
-_PIL_READ_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
+PIL_READ_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
 
 
 class ImageReadError(ValueError):
@@ -96,7 +96,7 @@ def _apply_draft(im: Image.Image, min_size: tuple[int, int] | None) -> int:
     if min_size is None or im.format != "JPEG":
         return 1
     min_w, min_h = max(1, int(min_size[0])), max(1, int(min_size[1]))
-    if im.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPING_ORIENTATIONS:
+    if im.getexif().get(ExifTags.Base.Orientation, 1) in SWAPPING_ORIENTATIONS:
         min_w, min_h = min_h, min_w  # min_size is given for the upright photo; the JPEG is stored rotated
     full_w = im.size[0]
     drafted = im.draft("RGB", (min_w, min_h))  # (mode, (0, 0, W / s, H / s)) or None when not applicable
@@ -110,7 +110,7 @@ def decode_scale(path: str | os.PathLike, min_size: tuple[int, int] | None = Non
             return _apply_draft(im, min_size)
     except FileNotFoundError as err:
         raise ImageReadError(path, "file not found") from err
-    except _PIL_READ_ERRORS as err:
+    except PIL_READ_ERRORS as err:
         raise ImageReadError(path, f"{type(err).__name__}: {err}") from err
 
 
@@ -134,7 +134,7 @@ def decode_photo(path: str | os.PathLike, min_size: tuple[int, int] | None = Non
         raise ImageReadError(path, "file not found") from err
     except IsADirectoryError as err:
         raise ImageReadError(path, "is a directory") from err
-    except _PIL_READ_ERRORS as err:
+    except PIL_READ_ERRORS as err:
         raise ImageReadError(path, f"{type(err).__name__}: {err}") from err
     if photo.ndim != 3 or photo.shape[2] != 3 or photo.shape[0] < 1 or photo.shape[1] < 2:
         raise ImageReadError(path, f"decoded to an unusable array of shape {photo.shape}")

@@ -17,13 +17,18 @@ from dataclasses import dataclass
 
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from biomass5head.data.images import ImageReadError, decode_photo, needed_size
+from biomass5head.data.images import (
+    PIL_READ_ERRORS,
+    SWAPPING_ORIENTATIONS,
+    ImageReadError,
+    decode_photo,
+    needed_size,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECK_LEVELS = ("header", "full")
 ASPECT_TOLERANCE = 0.02
-_SWAPPED = {5, 6, 7, 8}  # EXIF orientations that turn the stored photo by 90 degrees
 MAX_LISTED = 20
 
 
@@ -47,7 +52,7 @@ def inspect_photo(path: str, level: str = "header") -> PhotoReport:
             return PhotoReport(path, error="empty file (0 bytes)")
         with Image.open(path) as im:
             w, h = im.size
-            if im.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPED:
+            if im.getexif().get(ExifTags.Base.Orientation, 1) in SWAPPING_ORIENTATIONS:
                 w, h = h, w
             mode = im.mode
         if level == "full":
@@ -58,7 +63,7 @@ def inspect_photo(path: str, level: str = "header") -> PhotoReport:
         return PhotoReport(path, error="not an image PIL can read")
     except ImageReadError as exc:
         return PhotoReport(path, error=exc.reason)
-    except (OSError, ValueError, SyntaxError) as exc:
+    except PIL_READ_ERRORS as exc:
         return PhotoReport(path, error=f"{type(exc).__name__}: {exc}")
     return PhotoReport(path, (w, h), mode)
 

@@ -31,6 +31,7 @@ from biomass5head.interrupt import Stopped
 from biomass5head.model.checkpoint import checkpoint_name, find_checkpoints
 from biomass5head.model.five_head import build_model, describe
 from biomass5head.plots import plot_learning_curves
+from biomass5head.train.resume import last_state_name
 from biomass5head.train.trainer import FoldTrainer
 
 logger = logging.getLogger(__name__)
@@ -81,10 +82,11 @@ def check_backbone(cfg: RunConfig) -> tuple[tuple[float, ...], tuple[float, ...]
     return model.mean_std
 
 
-def run(cfg: RunConfig, resume: bool = False) -> dict:
+def run(cfg: RunConfig, resume: bool = False, command: str = "python -m src.train_5head") -> dict:
     """Train every fold of --train-folds; returns the summary also written to summary.json. With `resume`, the run
     folder `cfg.output_dir` exists: its folds.csv is kept, finished folds (in summary.json) are skipped and an
-    unfinished fold continues from its resume state."""
+    unfinished fold continues from its resume state. `command` is how the user runs training (for the hint a stop
+    prints)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         raise ConfigError(f"torchrun with {world_size} processes: multi-GPU training is not supported yet; "
@@ -110,6 +112,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         if (out_dir / "summary.json").is_file():
             done = {int(k): r for k, r in json.loads((out_dir / "summary.json").read_text())["folds"].items()}
         logger.info("resuming %s: folds %s finished", out_dir, sorted(done) or "none")
+        for leftover in out_dir.glob(".*.tmp"):  # what a second Ctrl-C (an immediate exit) may have left
+            leftover.unlink(missing_ok=True)
     else:
         record = {**cfg.to_dict(), "runtime": rt.record()}  # config.json, also inside every checkpoint
         start_run_folder(out_dir, record, df, folds)
@@ -118,9 +122,17 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     cache = build_image_cache(df["abs_path"], tiles) if cfg.data.cache_images else None
 
     results = [done[k] for k in cfg.data.train_folds if k in done]
-    for fold in (k for k in cfg.data.train_folds if k not in done):
-        results.append(train_fold(cfg, fold, df, folds, rt, out_dir, cache, record))
-        write_json(out_dir / "summary.json", summarize(results, cfg))  # finished folds, so far
+    hint = f"resume with: {command} --resume {out_dir}"
+    try:
+        for fold in (k for k in cfg.data.train_folds if k not in done):
+            results.append(train_fold(cfg, fold, df, folds, rt, out_dir, cache, record, hint))
+            write_json(out_dir / "summary.json", summarize(results, cfg))  # finished folds, so far
+            if not cfg.train.keep_last:  # only now: until summary.json records the fold, its state may be needed
+                (out_dir / last_state_name(fold)).unlink(missing_ok=True)
+    except Stopped as stop:
+        if hint in str(stop):
+            raise
+        raise Stopped(stop.signum, f"{stop}; {hint}") from None
     summary = summarize(results, cfg)
     logs = {k: pd.read_csv(out_dir / f"log_fold{k}.csv") for k in cfg.data.train_folds}
     plot_learning_curves(logs, out_dir / "learning_curves.png")
@@ -144,7 +156,7 @@ def start_run_folder(out_dir: Path, record: dict, df: pd.DataFrame, folds: np.nd
 
 
 def train_fold(cfg: RunConfig, fold: int, df: pd.DataFrame, folds: np.ndarray, rt, out_dir: Path, cache,
-               record: dict) -> dict:
+               record: dict, hint: str) -> dict:
     """One fold, from its resume state when there is one; a stop or out-of-memory says what to do next."""
     seed_everything(cfg.init_seed(fold))
     start = time.perf_counter()
@@ -158,8 +170,7 @@ def train_fold(cfg: RunConfig, fold: int, df: pd.DataFrame, folds: np.ndarray, r
                           "lower --batch-size or --img-size, or add --grad-ckpt") from exc
     except Stopped as stop:
         epoch = trainer.progress.epoch if trainer is not None else 0
-        raise Stopped(stop.signum, f"stopped by {stop.signal_name} at fold {fold} epoch {epoch}; resume with: "
-                                   f"python -m src.train_5head --resume {out_dir}") from None
+        raise Stopped(stop.signum, f"stopped by {stop.signal_name} at fold {fold} epoch {epoch}; {hint}") from None
     result["seconds"] = time.perf_counter() - start
     logger.info("fold %d: best weighted R2 %.4f at epoch %d (training-mean baseline %.4f) -> %s", fold,
                 result["best_score"], result["best_epoch"], result["baseline_train_mean_r2"], checkpoint_name(fold))

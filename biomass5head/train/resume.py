@@ -56,7 +56,7 @@ def rng_states(loaders: dict[str, torch.utils.data.DataLoader]) -> dict:
     return {"python": [version, list(internal), py_gauss],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "loaders": {name: loader.generator.get_state() for name, loader in loaders.items()}}
 
 
@@ -66,7 +66,7 @@ def set_rng_states(states: dict, loaders: dict[str, torch.utils.data.DataLoader]
     kind, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
     for name, loader in loaders.items():
         loader.generator.set_state(states["loaders"][name])

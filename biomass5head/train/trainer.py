@@ -233,8 +233,6 @@ class FoldTrainer:
                 self._write_state()
         if cfg.train.keep_last:
             self._write_state()  # the fold's final state, e.g. to train it further by hand
-        else:
-            self.last_path.unlink(missing_ok=True)
         return {"fold": self.fold, "best_score": p.best, "best_epoch": p.best_epoch, "epochs_run": p.epoch,
                 "baseline_train_mean_r2": baseline, "n_train": len(self.train_df), "n_val": len(self.val_df)}
 
