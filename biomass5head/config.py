@@ -16,6 +16,9 @@ from biomass5head.constants import CV_STRATEGIES, TARGETS
 
 DEFAULT_BACKBONE = "vit_base_patch14_reg4_dinov2.lvd142m"
 AMP_DTYPES = ("float16", "bfloat16", "float32")
+SELECT_ON = ("fold", "inner")
+TARGET_TRANSFORMS = ("identity", "log1p", "sqrt")
+RECIPES = ("reference", "robust")
 
 
 class ConfigError(ValueError):
@@ -48,6 +51,7 @@ class ModelConfig:
     use_aux_heads: bool = False
     pretrained: bool = True
     backbone_weights: str | None = None
+    ridge_base: bool = False  # heads learn a residual over a closed-form ridge fit on the frozen features
 
     def __post_init__(self):
         _check(len(self.grid) == 2 and all(int(g) >= 1 for g in self.grid),
@@ -131,8 +135,17 @@ class LossConfig:
     aux_month_weight: float = 3.0
     aux_species_weight: float = 2.0
     use_log_target: bool = False
+    target_transform: str | None = None  # identity, log1p or sqrt; None: log1p with use_log_target, else identity
+
+    @property
+    def transform_kind(self) -> str:
+        return self.target_transform or ("log1p" if self.use_log_target else "identity")
 
     def __post_init__(self):
+        _check(self.target_transform in (None, *TARGET_TRANSFORMS),
+               f"--target-transform must be one of {', '.join(TARGET_TRANSFORMS)}, got {self.target_transform}")
+        _check(not (self.use_log_target and self.target_transform not in (None, "log1p")),
+               f"--use-log-target contradicts --target-transform {self.target_transform}: give one of them")
         _check(len(self.target_weights) == len(TARGETS),
                f"--target-weights needs {len(TARGETS)} values ({', '.join(TARGETS)})")
         _check(all(math.isfinite(w) and w >= 0 for w in self.target_weights) and sum(self.target_weights) > 0,
@@ -169,6 +182,8 @@ class TrainConfig:
     amp_dtype: str = "float16"
     save_every: float = 300.0  # seconds between resume-state writes at epoch ends
     keep_last: bool = False
+    select_on: str = "fold"  # "fold" (the reference: the scored fold) or "inner" (an inner split of the training folds)
+    inner_frac: float = 0.2
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -182,6 +197,8 @@ class TrainConfig:
         _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
         _check(self.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
+        _check(self.select_on in SELECT_ON, f"--select-on must be one of {', '.join(SELECT_ON)}, got {self.select_on}")
+        _check(0.0 < self.inner_frac <= 0.5, f"--inner-frac must be in (0, 0.5], got {self.inner_frac}")
         _check(self.save_every >= 0 and math.isfinite(self.save_every),
                f"--save-every must be a number of seconds >= 0, got {self.save_every}")
 
@@ -205,10 +222,16 @@ class RunConfig:
     output_dir: str | None = None
     device_type: str | None = None
     seed: int = 18
+    recipe: str = "reference"  # the bundle of defaults the options were resolved from (cli/train.py: RECIPE_DEFAULTS)
 
     def __post_init__(self):
+        _check(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe}")
         _check(0 <= self.seed < 2**32,
                f"--seed must be in [0, 2**32 - 1] (numpy and scikit-learn need that), got {self.seed}")
+        _check(not (self.model.ridge_base and not self.train.freeze_backbone),
+               "--ridge-base needs --freeze-backbone (the ridge is fitted once on the frozen backbone's features)")
+        _check(not (self.model.ridge_base and not self.cache.enabled),
+               "--ridge-base fits its ridge on the frozen-feature cache: drop --no-feature-cache")
         _check(not (self.post.apply_context_adjustment and not self.model.use_aux_heads),
                "--apply-context-adjustment needs --use-aux-heads "
                "(it uses the heads' State/Month/Species probabilities)")

@@ -88,11 +88,13 @@ def test_every_option_reaches_the_config():
         "--use-log-target", "--mixup-prob", "0.2", "--mixup-alpha", "0.3", "--cutmix-prob", "0.1",
         "--cutmix-alpha", "0.8", "--amp-dtype", "bfloat16", "--num-folds", "4", "--train-folds", "1", "3",
         "--cv-strategy", "group_date_state_bin", "--fold-csv", "f.csv", "--device-type", "cpu", "--seed", "7",
-        "--check-photos", "full", "--allow-any-aspect", "--save-every", "60", "--keep-last")
+        "--check-photos", "full", "--allow-any-aspect", "--save-every", "60", "--keep-last",
+        "--select-on", "inner", "--inner-frac", "0.3", "--recipe", "robust")
     assert cfg.to_dict() == {
         "model": {"backbone": "vit_small_patch14_dinov2.lvd142m", "grid": [1, 3], "img_size": 224, "dropout": 0.3,
                   "hidden_ratio": 0.25, "film": False, "attention_pool": False, "grad_ckpt": True,
-                  "use_aux_heads": True, "pretrained": True, "backbone_weights": "w.safetensors"},
+                  "use_aux_heads": True, "pretrained": True, "backbone_weights": "w.safetensors",
+                  "ridge_base": False},  # the robust recipe's ridge needs --freeze-backbone
         "data": {"base_path": "B", "batch_size": 3, "num_workers": 2, "cache_images": True, "prefetch_factor": 2,
                  "num_folds": 4, "train_folds": [1, 3], "cv_strategy": "group_date_state_bin", "fold_csv": "f.csv",
                  "check_photos": "full", "allow_any_aspect": True},
@@ -100,14 +102,15 @@ def test_every_option_reaches_the_config():
                 "mixup_alpha": 0.3, "cutmix_prob": 0.1, "cutmix_alpha": 0.8},
         "loss": {"target_weights": [0.1, 0.1, 0.1, 0.2, 0.5], "constraint_weight": 0.2, "use_focal_loss": True,
                  "use_dead_aware_loss": True, "huber_for_dead": False, "aux_state_weight": 0.5,
-                 "aux_month_weight": 0.4, "aux_species_weight": 0.25, "use_log_target": True},
+                 "aux_month_weight": 0.4, "aux_species_weight": 0.25, "use_log_target": True,
+                 "target_transform": None},  # --use-log-target given: the recipe's sqrt yields to it
         "post": {"correction_threshold": 0.3, "always_correct_dead": True, "apply_context_adjustment": True},
         "cache": {"enabled": True, "dir": None, "bank": 4},
         "train": {"epochs": 7, "grad_accum": 4, "grad_clip": 0.5, "patience": 3, "lr": 3e-4, "backbone_lr": 2e-5,
                   "weight_decay": 0.05, "warmup_epochs": 1, "two_stage": True, "freeze_epochs": 2,
                   "head_lr_stage1": 5e-4, "freeze_backbone": False, "amp_dtype": "bfloat16", "save_every": 60.0,
-                  "keep_last": True},
-        "output_dir": "O", "device_type": "cpu", "seed": 7,
+                  "keep_last": True, "select_on": "inner", "inner_frac": 0.3},
+        "output_dir": "O", "device_type": "cpu", "seed": 7, "recipe": "robust",
     }
 
 
@@ -203,6 +206,11 @@ BAD_VALUES = [
     (["--num-folds", "3", "--train-folds", "3"], "--train-folds"),
     (["--seed", "-1"], "--seed"),
     (["--no-pretrained", "--backbone-weights", "w.pth"], "--backbone-weights"),
+    (["--inner-frac", "0.7"], "--inner-frac"),
+    (["--inner-frac", "0"], "--inner-frac"),
+    (["--use-log-target", "--target-transform", "sqrt"], "--target-transform sqrt"),
+    (["--ridge-base"], "--ridge-base needs --freeze-backbone"),
+    (["--ridge-base", "--freeze-backbone", "--no-feature-cache"], "--ridge-base fits its ridge on the frozen-feature"),
 ]
 
 

@@ -2,6 +2,7 @@
 
     python -m src.make_synthetic --out data/synthetic
     python -m src.make_synthetic --out /tmp/tiny --n-train 24 --n-test 4 --size 224x112 --seed 1
+    python -m src.make_synthetic --out data/realistic_s1 --difficulty realistic --seed 1
     python -m src.make_synthetic --out data/synthetic --overwrite --preview docs/synthetic_examples.png
 
 The set is written into a temporary folder beside --out and moved into place at the end, so a failed or
@@ -19,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from biomass5head.cli.common import prog, run_command
-from biomass5head.synthetic.generate import NUM_FOLDS
+from biomass5head.synthetic.generate import DIFFICULTIES, NUM_FOLDS
 from biomass5head.synthetic.write import plot_examples, summary, write_atomically
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=_count(NUM_FOLDS), default=357, help="training images (default 357)")
     p.add_argument("--n-test", type=_count(0), default=20, help="test images (default 20)")
     p.add_argument("--size", type=parse_size, default=(2000, 1000), help="photo WxH, two stereo halves (2000x1000)")
+    p.add_argument("--difficulty", choices=DIFFICULTIES, default="easy",
+                   help="easy: clean photos, exact labels; realistic: label noise, shadows, exposure, blur, camera "
+                        "height, weeds, litter and bare patches (biomass5head/synthetic/realism.py)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     p.add_argument("--workers", type=_count(1), default=None, help="drawing processes (default: up to 4 CPUs)")
     p.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
@@ -73,7 +77,7 @@ def make(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     write_atomically(out, args.overwrite, n_train=args.n_train, n_test=args.n_test, size=args.size, seed=args.seed,
-                     workers=args.workers, progress=progress)
+                     difficulty=args.difficulty, workers=args.workers, progress=progress)
     print(summary(out, time.perf_counter() - start))
     if args.preview:
         print(f"preview: {plot_examples(out, args.preview)}")

@@ -15,6 +15,7 @@ learning_curves.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 from dataclasses import replace
@@ -24,6 +25,9 @@ from biomass5head.cli.common import prog, run_command
 from biomass5head.config import (
     AMP_DTYPES,
     DEFAULT_BACKBONE,
+    RECIPES,
+    SELECT_ON,
+    TARGET_TRANSFORMS,
     AugConfig,
     CacheConfig,
     ConfigError,
@@ -35,6 +39,8 @@ from biomass5head.config import (
     TrainConfig,
 )
 from biomass5head.constants import CV_STRATEGIES
+from biomass5head.recipes import RECIPE_DEFAULTS, RECIPE_NEEDS, RECIPE_YIELDS
+from biomass5head.recipes import describe as describe_recipe
 
 logger = logging.getLogger(__name__)
 # What may be given with --resume: where the data now is, and how the run executes. The run's results repeat exactly
@@ -44,9 +50,35 @@ RESUME_OPTIONS = ("--base-path", "--num-workers", "--device-type", "--save-every
 RESUME_DESTS = tuple(o[2:].replace("-", "_") for o in RESUME_OPTIONS)
 
 
+class RecipeParser(argparse.ArgumentParser):
+    """An ArgumentParser that also records which options the command line gave (`args._given`), so that a
+    `--recipe` fills in only the others."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        probe = copy.deepcopy(self)
+        probe.__class__ = argparse.ArgumentParser
+        for action in probe._actions:
+            action.default, action.required = argparse.SUPPRESS, False
+        given, _ = probe.parse_known_args(args)
+        ns._given = frozenset(vars(given))
+        return ns, rest
+
+
+def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """The namespace with the --recipe's values for every option the command line did not give."""
+    given = getattr(args, "_given", frozenset())
+    values = {k: v for k, v in RECIPE_DEFAULTS[args.recipe].items()
+              if k not in given and not given & set(RECIPE_YIELDS.get(k, ()))
+              and (k not in RECIPE_NEEDS or getattr(args, RECIPE_NEEDS[k]))}
+    if values:
+        logger.info("--recipe %s: %s", args.recipe, ", ".join(f"{k} {v}" for k, v in values.items()))
+    return argparse.Namespace(**{**vars(args), **values})
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The train_5head parser, grouped and ordered as in the reference."""
-    p = argparse.ArgumentParser(prog=prog("python -m src.train_5head"),
+    p = RecipeParser(prog=prog("python -m src.train_5head"),
                                 description="Train the 5-head DINOv2 biomass model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("Paths")
@@ -69,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone-weights", default=None, metavar="FILE",
                    help="local .safetensors/.pth backbone weights (timm or original DINOv2 layout)")
     g.add_argument("--no-pretrained", action="store_true", help="random backbone initialisation")
+    g.add_argument("--ridge-base", action="store_true",
+                   help="with --freeze-backbone: the heads learn a residual over a ridge regression fitted on the "
+                        "training images' mean tile features (alpha chosen on the selection images); the heads' "
+                        "last layers start at zero, so training starts from the ridge's predictions")
 
     g = p.add_argument_group("Training configuration")
     g.add_argument("--epochs", type=int, default=50)
@@ -128,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("Target normalization")
     g.add_argument("--use-log-target", action="store_true", help="learn log1p(grams)")
+    g.add_argument("--target-transform", default=None, choices=TARGET_TRANSFORMS,
+                   help="space the heads learn in, before the per-target scale: identity, log1p (= --use-log-target) "
+                        "or sqrt (default: log1p with --use-log-target, else identity)")
 
     g = p.add_argument_group("MixUp/CutMix (partners share Species, month and State)")
     g.add_argument("--mixup-prob", type=float, default=0.0, help="MixUp probability per training image")
@@ -146,10 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-folds", type=int, nargs="+", default=None, help="folds to train (default: all)")
     g.add_argument("--cv-strategy", default="group_month", choices=CV_STRATEGIES)
     g.add_argument("--fold-csv", default=None, help="CSV with sample_id_prefix,fold (overrides --cv-strategy)")
+    g.add_argument("--select-on", default="fold", choices=SELECT_ON,
+                   help="where early stopping and the best epoch are chosen: fold = on the fold that is then scored "
+                        "(the reference; its OOF score is optimistic), inner = on an inner split of the training "
+                        "folds, grouped like --cv-strategy (an honest OOF score)")
+    g.add_argument("--inner-frac", type=float, default=0.2,
+                   help="share of each fold's training images held out for --select-on inner")
 
     g = p.add_argument_group("Device & misc")
     g.add_argument("--device-type", default=None, choices=("cuda", "mps", "cpu"), help="default: auto-detect")
     g.add_argument("--seed", type=int, default=18)
+    g.add_argument("--recipe", default="reference", choices=RECIPES,
+                   help="reference: the specification's defaults; robust: the small-data recipe for frozen-feature "
+                        "training (README, \"Recipes\"): " + describe_recipe("robust") +
+                        "; options given explicitly still win")
 
     g = p.add_argument_group("Stopping and resuming")
     g.add_argument("--resume", default=None, metavar="RUN", help="continue the stopped run in RUN with its own "
@@ -162,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Resolve parsed arguments into a RunConfig, clipping what the reference's commands need clipped."""
+    """Resolve parsed arguments into a RunConfig: the --recipe's values for options not given, then clipping what
+    the reference's commands need clipped."""
+    args = apply_recipe(args)
     epochs = args.epochs
     freeze_epochs, warmup_epochs = args.freeze_epochs, args.warmup_epochs
     if args.two_stage and not args.freeze_backbone and freeze_epochs > epochs:
@@ -181,7 +232,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           hidden_ratio=args.hidden_ratio, film=not args.no_film,
                           attention_pool=not args.no_attention_pool, grad_ckpt=args.grad_ckpt,
                           use_aux_heads=args.use_aux_heads, pretrained=not args.no_pretrained,
-                          backbone_weights=args.backbone_weights),
+                          backbone_weights=args.backbone_weights, ridge_base=args.ridge_base),
         data=DataConfig(base_path=args.base_path, batch_size=args.batch_size, num_workers=args.num_workers,
                         cache_images=args.cache_images, prefetch_factor=args.prefetch_factor,
                         num_folds=args.num_folds, train_folds=train_folds, cv_strategy=args.cv_strategy,
@@ -194,18 +245,20 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                         use_focal_loss=args.use_focal_loss, use_dead_aware_loss=args.use_dead_aware_loss,
                         huber_for_dead=not args.no_huber_for_dead, aux_state_weight=args.aux_state_weight,
                         aux_month_weight=args.aux_month_weight, aux_species_weight=args.aux_species_weight,
-                        use_log_target=args.use_log_target),
+                        use_log_target=args.use_log_target, target_transform=args.target_transform),
         post=PostConfig(correction_threshold=args.correction_threshold, always_correct_dead=args.always_correct_dead,
                         apply_context_adjustment=args.apply_context_adjustment),
         train=TrainConfig(epochs=epochs, grad_accum=args.grad_accum, grad_clip=args.grad_clip, patience=args.patience,
                           lr=args.lr, backbone_lr=args.backbone_lr, weight_decay=args.weight_decay,
                           warmup_epochs=warmup_epochs, two_stage=args.two_stage, freeze_epochs=freeze_epochs,
                           head_lr_stage1=args.head_lr_stage1, freeze_backbone=args.freeze_backbone,
-                          amp_dtype=args.amp_dtype, save_every=args.save_every, keep_last=args.keep_last),
+                          amp_dtype=args.amp_dtype, save_every=args.save_every, keep_last=args.keep_last,
+                          select_on=args.select_on, inner_frac=args.inner_frac),
         cache=CacheConfig(enabled=not args.no_feature_cache, dir=args.feature_cache, bank=args.feature_bank),
         output_dir=args.output_dir,
         device_type=args.device_type,
         seed=args.seed,
+        recipe=args.recipe,
     )
 
 
@@ -214,7 +267,7 @@ def resume_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     RESUME_OPTIONS, which cannot change results, may be given beside it."""
     run_dir = Path(args.resume)
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-             if k not in ("resume", *RESUME_DESTS) and v != parser.get_default(k)]
+             if k not in ("resume", *RESUME_DESTS) and not k.startswith("_") and v != parser.get_default(k)]
     if given:
         raise ConfigError(f"--resume continues a run with its own configuration: {', '.join(given)} cannot be "
                           f"given with it (only {', '.join(RESUME_OPTIONS)})")

@@ -237,3 +237,39 @@ def fold_summary(df: pd.DataFrame, folds: np.ndarray) -> str:
             if "State" in df.columns else "-"
         lines.append(f"{k:>4} {len(part):>6} {mean_total}  {months:<20} {states}")
     return "\n".join(lines)
+
+
+def inner_split(df: pd.DataFrame, strategy: str, frac: float, seed: int) -> np.ndarray:
+    """Boolean mask of the rows of a training fold (`df`) held out to select on (`--select-on inner`).
+
+    The rows are split like the outer `--cv-strategy` splits them: the groups (months or dates) of a group
+    strategy stay whole, stratified as the outer split is, into k = round(1 / frac) parts, of which the first is
+    held out; so about `frac` of the images (exactly 1/k of them up to group sizes). When the training fold has
+    fewer groups than k, a group strategy holds out one of them if it has at least two, else falls back to a
+    stratified split of images (logged).
+    """
+    if not 0.0 < frac < 1.0:
+        raise FoldError(f"--inner-frac must be in (0, 1), got {frac}")
+    k = max(2, int(round(1.0 / frac)))
+    if len(df) < k:
+        raise FoldError(f"cannot hold out an inner split of {len(df)} training images (k = {k} parts)")
+    group_name, strat_name = _STRATEGY_PARTS[strategy]
+    groups, labels = _column(df, group_name), _column(df, strat_name)
+    x = np.zeros((len(df), 1))
+    if groups is not None and len(pd.unique(groups)) < 2:
+        logger.info("inner split: the training fold has one %s only; splitting its images stratified instead",
+                    group_name)
+        groups, labels = None, labels if labels is not None else target_bins(df)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class.*", category=UserWarning)
+        if groups is not None:
+            k = min(k, len(pd.unique(groups)))
+            splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+            _, held = next(splitter.split(x, labels if labels is not None else np.zeros(len(df)), groups))
+        elif labels is not None and np.bincount(pd.factorize(labels)[0]).min() >= 2:
+            _, held = next(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, labels))
+        else:
+            _, held = next(KFold(n_splits=k, shuffle=True, random_state=seed).split(x))
+    mask = np.zeros(len(df), dtype=bool)
+    mask[held] = True
+    return mask

@@ -75,6 +75,14 @@ def oof_metrics(table: pd.DataFrame, evaluated: list[int], skipped: list[int], n
     return metrics
 
 
+def selection_note(select_on: str) -> str:
+    """How a run chose its epochs, in words for eval's log, oof_metrics.json and report.md."""
+    if select_on == "inner":
+        return "inner (early stopping and the best epoch chosen on an inner split of the training folds: honest OOF)"
+    return ("fold (early stopping and the best epoch chosen on the fold that is then scored, as in the reference: "
+            "this OOF score is optimistic; train with --select-on inner for an honest one)")
+
+
 def format_report(metrics: dict, run_dir: Path) -> str:
     """The printed summary: coverage, options, the metric table and per-fold primary scores."""
     o = metrics["options"]
@@ -85,6 +93,8 @@ def format_report(metrics: dict, run_dir: Path) -> str:
     if metrics["folds_skipped"]:
         lines.append(f"skipped folds {metrics['folds_skipped']} (no checkpoint): {metrics['n_images_skipped']} images")
     lines.append(f"TTA {'on' if o['tta'] else 'off'}; post-processing: {', '.join(post)}; img size {o['img_size']}")
+    if "selection" in metrics:
+        lines.append(f"epoch selection: {metrics['selection']}")
     lines.append(format_metrics_table(metrics) if metrics["weighted_r2"] is not None else "too few images for R2")
     for fold, m in metrics["per_fold"].items():
         score = "n/a" if m["weighted_r2"] is None else f"{m['weighted_r2']:.4f}"
@@ -110,6 +120,7 @@ def evaluate(model_dir: str | Path, given: dict) -> dict:
     table = oof_table(df[keep], folds[keep], pred[keep])
     options = {**opts.record(), "device": str(rt.device), "autocast": rt.dtype_name}
     metrics = oof_metrics(table, evaluated, skipped, int((~keep).sum()), options)
+    metrics["selection"] = selection_note(run.config.train.select_on)
     write_csv(run.path / "oof_predictions.csv", table)
     write_json(run.path / "oof_metrics.json", metrics)
     plot_pred_vs_true(table[TRUE_COLS].to_numpy(), table[PRED_COLS].to_numpy(), run.path / "oof_pred_vs_true.png",

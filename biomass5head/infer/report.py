@@ -15,13 +15,15 @@ from biomass5head.data.feature_cache import ensure_features
 from biomass5head.data.tables import load_train
 from biomass5head.fileio import atomic_path, write_json
 from biomass5head.infer.fold_model import fold_feature_cache, load_fold_model
+from biomass5head.data.folds import inner_split, read_fold_csv
 from biomass5head.infer.linear_probe import ridge_oof
+from biomass5head.infer.oof import selection_note
 from biomass5head.infer.run_folder import RunError, open_run, resolve_options, runtime
 from biomass5head.metrics import compute_metrics
 
 
 def probe_features(run, df: pd.DataFrame) -> np.ndarray:
-    """(N, 2*T*D) frozen tile features of the run's training photos, from (or into) its feature cache."""
+    """(N, 2, T, D) frozen tile features of the run's training photos, from (or into) its feature cache."""
     opts = resolve_options(run, {"no_feature_cache": False})
     if opts.feature_cache is None:
         raise RunError("the ridge comparison needs a run trained with --freeze-backbone and the feature cache on")
@@ -29,7 +31,26 @@ def probe_features(run, df: pd.DataFrame) -> np.ndarray:
     fm = load_fold_model(next(iter(run.checkpoints.values())), opts, rt.device)
     table = ensure_features(fold_feature_cache(fm, opts, rt), fm.model, df["abs_path"], ["id"], tiles=fm.tiles(opts),
                             runtime=rt, batch_size=opts.cfg.data.batch_size, desc="probe")
-    return np.stack([table[str(p)]["id"].reshape(-1) for p in df["abs_path"]])
+    return np.stack([table[str(p)]["id"] for p in df["abs_path"]])
+
+
+def probe_oof(run, df: pd.DataFrame, folds: np.ndarray) -> tuple[np.ndarray, dict, int]:
+    """The ridge probe's out-of-fold predictions (N, 5) over every fold of `folds`, its (pooling, space, alpha) per fold
+    and the feature width D. `df` in load_train order (the order the trainer split), `folds` one per row."""
+    cfg = run.config
+    tiles = probe_features(run, df)
+    inner = {int(k): inner_split(df[folds != k], cfg.data.cv_strategy, cfg.train.inner_frac, cfg.fold_seed(int(k)))
+             for k in np.unique(folds)}
+    pred, chosen = ridge_oof(tiles, df[list(TARGETS)].to_numpy(np.float64), folds, inner)
+    return pred, chosen, tiles.shape[-1]
+
+
+def comparison(five_head: float, ridge: float) -> str:
+    """One sentence: does the 5-head beat the ridge probe on the same features?"""
+    if five_head >= ridge:
+        return f"The 5-head model beats the ridge probe by {five_head - ridge:.4f} weighted R²."
+    return (f"**The 5-head model loses to the ridge probe by {ridge - five_head:.4f} weighted R²**: on these photos a "
+            "linear model on the same features is better; try `--recipe robust` (README, \"Recipes\").")
 
 
 def metric_rows(named: dict) -> str:
@@ -54,19 +75,28 @@ def build_report(run_dir: Path) -> str:
         raise RunError(f"{metrics_path} is missing: run `python -m src.eval_5head_oof --model-dir {run.path}` first")
     five_head = json.loads(metrics_path.read_text())
     oof = pd.read_csv(run.path / "oof_predictions.csv")
-    df = load_train(resolve_options(run, {}).data_dir).set_index("sample_id_prefix").loc[oof["sample_id_prefix"]]
-    df = df.reset_index()
-    features = probe_features(run, df)
-    true = df[list(TARGETS)].to_numpy(np.float64)
-    ridge = compute_metrics(true, ridge_oof(features, true, oof["fold"].to_numpy()))
+    df = load_train(resolve_options(run, {}).data_dir)
+    folds = read_fold_csv(run.path / "folds.csv", df, run.config.data.num_folds)
+    pred, chosen, dim = probe_oof(run, df, folds)
+    rows = df.reset_index(drop=True).reset_index().set_index("sample_id_prefix").loc[oof["sample_id_prefix"], "index"]
+    true = df[list(TARGETS)].to_numpy(np.float64)[rows.to_numpy()]
+    ridge = compute_metrics(true, pred[rows.to_numpy()])
+    ridge["chosen_per_fold"] = {str(k): {"pooling": p, "space": sp, "alpha": a} for k, (p, sp, a) in chosen.items()}
     write_json(run.path / "ridge_oof_metrics.json", ridge)
     baseline = json.loads((run.path / "summary.json").read_text()).get("mean_baseline_train_mean_r2")
+    selection = five_head.get("selection", selection_note(run.config.train.select_on))
+    verdict = comparison(five_head["weighted_r2"], ridge["weighted_r2"])
     text = "\n".join([
         f"# Report: {run.path.name}", "",
         f"Out-of-fold scores on {five_head['n_images']} images (folds {five_head['folds_evaluated']}), in grams. "
-        f"Ridge: a linear regression of log1p(grams) on the same frozen tile features ({features.shape[1]} numbers "
-        "per photo), alpha by internal cross-validation, same folds.", "",
-        metric_rows({"5-head model": five_head, "ridge on frozen features": ridge}), "",
+        f"5-head selection: {selection}.", "",
+        "Ridge probe: one ridge regression of log1p(grams) or sqrt(grams) on the same frozen tile features, pooled "
+        f"over the tiles of both views (the mean, {dim} numbers per photo, or the mean and the max, {2 * dim}; "
+        "standardised), same folds; the pooling, target space and alpha are chosen on an inner split of each fold's "
+        "training images, never on the scored fold (per fold: "
+        f"{', '.join(f'{p} {sp} {a:g}' for p, sp, a in chosen.values())}).", "",
+        metric_rows({"5-head model": five_head, "ridge probe": ridge}), "",
+        verdict, "",
         f"Predicting the training mean scores {baseline:.4f} (mean over folds)." if baseline is not None else "",
         "", "![predicted vs true](oof_pred_vs_true.png)", "", "![learning curves](learning_curves.png)", "",
         "Submission: `submission.csv`" if (run.path / "submission.csv").is_file() else "", ""])

@@ -12,11 +12,11 @@ import timm
 import timm.data
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from biomass5head.config import RunConfig
 from biomass5head.constants import AUX_HEADS, TARGETS
 from biomass5head.model.backbone import create_backbone
+from biomass5head.model.ridge_base import RidgeBase, ridge_offset
 
 
 class FiLM(nn.Module):
@@ -69,7 +69,7 @@ class FiveHeadModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, *, dropout: float = 0.2, hidden_ratio: float = 0.5,
                  use_film: bool = True, attention_pool: bool = True, use_aux_heads: bool = False,
-                 grad_ckpt: bool = False):
+                 grad_ckpt: bool = False, ridge_base: bool = False):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"--dropout {dropout} must be in [0, 1)")
@@ -86,6 +86,12 @@ class FiveHeadModel(nn.Module):
         self.proj = nn.Sequential(
             nn.LayerNorm(2 * dim), nn.Linear(2 * dim, self.hidden_dim), nn.GELU(), nn.Dropout(dropout))
         self.heads = nn.ModuleList(RegressionHead(self.hidden_dim, dropout) for _ in TARGETS)
+        # --ridge-base: a closed-form ridge (fitted by the trainer) that the heads correct, starting from zero.
+        self.ridge = RidgeBase(dim, len(TARGETS)) if ridge_base else None
+        if ridge_base:
+            for head in self.heads:
+                nn.init.zeros_(head.net[-1].weight)
+                nn.init.zeros_(head.net[-1].bias)
         self.aux_heads = nn.ModuleDict(
             {k: nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden_dim, len(h.classes)))
              for k, h in AUX_HEADS.items()}
@@ -152,7 +158,7 @@ class FiveHeadModel(nn.Module):
         lp, rp = (self.pool(lf), self.pool(rf)) if self.pool is not None else (lf.mean(dim=1), rf.mean(dim=1))
         hidden = self.proj(torch.cat([lp, rp], dim=-1))  # (B, 2D) -> (B, hidden)
         raw = torch.cat([head(hidden) for head in self.heads], dim=-1)  # (B, 5)
-        out = {"reg": F.softplus(raw)}
+        out = {"reg": ridge_offset(self.ridge, left_feats, right_feats, raw)}
         if self.aux_heads is not None:
             out.update({k: head(hidden) for k, head in self.aux_heads.items()})
         return out
@@ -180,4 +186,5 @@ def build_model(cfg: RunConfig, pretrained: bool | None = None) -> FiveHeadModel
     backbone = create_backbone(m.backbone, m.img_size, pretrained=use_pretrained,
                                weights_path=m.backbone_weights if use_pretrained else None)
     return FiveHeadModel(backbone, dropout=m.dropout, hidden_ratio=m.hidden_ratio, use_film=m.film,
-                         attention_pool=m.attention_pool, use_aux_heads=m.use_aux_heads, grad_ckpt=m.grad_ckpt)
+                         attention_pool=m.attention_pool, use_aux_heads=m.use_aux_heads, grad_ckpt=m.grad_ckpt,
+                         ridge_base=m.ridge_base)

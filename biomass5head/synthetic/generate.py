@@ -19,6 +19,7 @@ import pandas as pd
 
 from biomass5head.constants import STATES, species_group
 from biomass5head.synthetic import params as P
+from biomass5head.synthetic.realism import jpeg_quality, noisy_labels
 from biomass5head.synthetic.render import render_photo
 
 # The real train.csv lists an image's five rows in this (alphabetical) order.
@@ -26,6 +27,7 @@ FILE_TARGET_ORDER = ("Dry_Clover_g", "Dry_Dead_g", "Dry_Green_g", "Dry_Total_g",
 META_COLUMNS = ["Sampling_Date", "State", "Species", "Pre_GSHH_NDVI", "Height_Ave_cm"]
 NUM_FOLDS = 5
 JPEG_QUALITY = 90
+DIFFICULTIES = ("easy", "realistic")
 
 
 def _covers_groups(states: np.ndarray, dates: np.ndarray) -> bool:
@@ -138,24 +140,43 @@ def _render_job(job: tuple) -> None:
     """Worker: draw one photo and write it as a JPEG (runs in a child process)."""
     import cv2
 
-    path, record, size, seed = job
+    path, record, size, seed, realistic = job
     cv2.setNumThreads(1)
-    rgb = render_photo(record, size, np.random.default_rng(seed))
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    realism = np.random.default_rng([*seed, 1]) if realistic else None
+    rgb = render_photo(record, size, np.random.default_rng(seed), realism)
+    quality = jpeg_quality(realism) if realism is not None else JPEG_QUALITY
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise OSError(f"could not encode {path}")
     Path(path).write_bytes(buf.tobytes())
 
 
+def measured(records: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The records as clip-and-weigh would report them: components with measurement error, sums recomputed."""
+    out = records.copy()
+    g, d, c = noisy_labels(out.Dry_Green_g, out.Dry_Dead_g, out.Dry_Clover_g, np.random.default_rng([seed, 5]))
+    out["Dry_Green_g"], out["Dry_Dead_g"], out["Dry_Clover_g"] = g, d, c
+    out["GDM_g"] = np.round(g + c, 4)
+    out["Dry_Total_g"] = np.round(g + d + c, 4)
+    return out
+
+
 def generate(out_dir, n_train: int = 357, n_test: int = 20, size: tuple[int, int] = (2000, 1000), seed: int = 0,
-             *, workers: int | None = None, progress: Callable[[int], Any] | None = None) -> None:
+             *, difficulty: str = "easy", workers: int | None = None,
+             progress: Callable[[int], Any] | None = None) -> None:
     """Write a synthetic data set in the competition's layout into out_dir (created if missing).
+
+    difficulty: "easy" (clean photos, exact labels) or "realistic" (label noise, shadows, exposure, blur, camera
+    height, weeds, litter and bare patches: `synthetic/realism.py`). Metadata, true targets and folds are the same
+    for both at one seed; realistic labels are the true ones with measurement error.
 
     size is (W, H) of the whole photo (two W/2 x H stereo views side by side). workers: processes that draw
     the photos (default: up to 4 CPUs). progress: called with the number of photos, returns a bar with
     `update(n)` and `close()` (e.g. `lambda total: tqdm(total=total)`). Deterministic for a seed: the same
     arguments give the same files, whatever the number of workers.
     """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
     if n_train < NUM_FOLDS or n_test < 0:
         raise ValueError(f"need n_train >= {NUM_FOLDS} (one image per fold) and n_test >= 0, got {n_train}, {n_test}")
     out = Path(out_dir)
@@ -164,12 +185,13 @@ def generate(out_dir, n_train: int = 357, n_test: int = 20, size: tuple[int, int
     records = sample_records(n_train + n_test, seed)
     train = records.iloc[:n_train].sort_values("sample_id_prefix").reset_index(drop=True)
     test = records.iloc[n_train:].sort_values("sample_id_prefix").reset_index(drop=True)
-    to_long(train, "train").to_csv(out / "train.csv", index=False)
+    realistic = difficulty == "realistic"
+    to_long(measured(train, seed) if realistic else train, "train").to_csv(out / "train.csv", index=False)
     to_long(test, "test").to_csv(out / "test.csv", index=False)
     folds = pd.DataFrame({"sample_id_prefix": train.sample_id_prefix, "fold": assign_folds(train.Sampling_Date, seed)})
     folds.to_csv(out / "trainfold.csv", index=False)
     # Each photo's seed follows its split and position, so a photo never depends on the worker count.
-    jobs = [(str(out / split / f"{r['sample_id_prefix']}.jpg"), r, tuple(size), [seed, 4, k, i])
+    jobs = [(str(out / split / f"{r['sample_id_prefix']}.jpg"), r, tuple(size), [seed, 4, k, i], realistic)
             for k, (split, frame) in enumerate((("train", train), ("test", test)))
             for i, r in enumerate(frame.to_dict("records"))]
     _run_jobs(jobs, workers or min(4, os.cpu_count() or 1), progress)

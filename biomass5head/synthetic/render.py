@@ -17,6 +17,8 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from biomass5head.synthetic.realism import SceneEffects, camera_effects, cast_shadow, clear_patches, draw_distractors
+
 MAX_SIDE = 1000  # drawing resolution cap: a real view is 1000 px for ~35 cm of quadrat
 MIN_SIDE = 256  # small outputs are drawn at this size and shrunk, so cover does not depend on output size
 MARGIN = 0.06  # canvas margin (fraction of a view) that the two views' shifts move into
@@ -90,11 +92,11 @@ def _draw(img: np.ndarray, lines: np.ndarray, colour: np.ndarray, thickness: int
             cv2.polylines(img, list(sel), False, col, thickness + k % 2, cv2.LINE_AA)
 
 
-def _counts(record: dict, area: float, r: int) -> tuple[dict, dict]:
-    """Number of each element on the canvas and its size in canvas pixels."""
-    blade = r * min(0.25, 0.018 + 0.0045 * float(record["Height_Ave_cm"]))  # px, grows with height
+def _counts(record: dict, area: float, r: int, scale: float = 1.0) -> tuple[dict, dict]:
+    """Number of each element on the canvas and its size in canvas pixels (`scale`: apparent size, camera height)."""
+    blade = scale * r * min(0.25, 0.018 + 0.0045 * float(record["Height_Ave_cm"]))  # px, grows with height
     thick = max(1, round(2.5 * r / MAX_SIDE))
-    sizes = {"green": blade, "dead": 0.5 * blade + 0.02 * r, "clover": 0.0075 * r, "thick": thick}
+    sizes = {"green": blade, "dead": 0.5 * blade + 0.02 * r * scale, "clover": 0.0075 * r * scale, "thick": thick}
     unit_area = {"green": blade * (thick + 0.5), "dead": sizes["dead"] * (max(1, thick - 1) + 0.5),
                  "clover": 4.5 * sizes["clover"] ** 2}
     grams = {"green": record["Dry_Green_g"], "dead": record["Dry_Dead_g"], "clover": record["Dry_Clover_g"]}
@@ -155,17 +157,29 @@ def _date_stamp(img: np.ndarray, date: str) -> None:
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 140, 20), thick, cv2.LINE_AA)
 
 
-def render_photo(record: dict, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """(H, W, 3) uint8 RGB photo of one image record (needs the three components, height, NDVI, date)."""
+def render_photo(record: dict, size: tuple[int, int], rng: np.random.Generator,
+                 realism: np.random.Generator | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB photo of one image record (needs the three components, height, NDVI, date).
+
+    `realism`: a generator for the realistic mode's scene and camera effects (`synthetic/realism.py`); None draws
+    the easy set's clean photo (and leaves `rng`'s sequence as the easy set has it)."""
     w, h = int(size[0]), int(size[1])
     left_w = w // 2
     r = int(np.clip(max(w - left_w, h), MIN_SIDE, MAX_SIDE))
     c = r + 2 * int(round(MARGIN * r))
-    counts, sizes = _counts(record, float(c * c), r)
-    scene = _soil(c, rng)
+    fx = SceneEffects.draw(realism) if realism is not None else None
+    counts, sizes = _counts(record, float(c * c), r, fx.scale if fx else 1.0)
+    if fx:
+        counts = {k: int(round(v / (1.0 - fx.bare))) for k, v in counts.items()}
+    soil = _soil(c, rng)
+    scene = soil.copy() if fx else soil
     draw_elements(scene, record, counts, sizes, rng)
+    if fx:
+        clear_patches(scene, soil, fx, realism)
+        draw_distractors(scene, fx, realism)
+        cast_shadow(scene, fx, realism)
     left = _view(scene, r, record, counts, sizes, (left_w, h), rng)
     right = _view(scene, r, record, counts, sizes, (w - left_w, h), rng)
     photo = np.ascontiguousarray(np.concatenate([left, right], axis=1))
     _date_stamp(photo, record["Sampling_Date"])
-    return photo
+    return camera_effects(photo, realism) if fx else photo

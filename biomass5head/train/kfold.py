@@ -21,7 +21,7 @@ import torch
 from biomass5head.config import ConfigError, RunConfig
 from biomass5head.constants import COMPETITION_WEIGHTS, TARGETS
 from biomass5head.data.datasets import build_image_cache
-from biomass5head.data.folds import FoldError, fold_summary, make_folds, read_fold_csv, write_folds
+from biomass5head.data.folds import FoldError, fold_summary, inner_split, make_folds, read_fold_csv, write_folds
 from biomass5head.data.images import TileSpec
 from biomass5head.data.photo_check import check_photos
 from biomass5head.data.tables import load_train
@@ -136,8 +136,11 @@ def run(cfg: RunConfig, resume: bool = False, command: str = "python -m src.trai
     summary = summarize(results, cfg)
     logs = {k: pd.read_csv(out_dir / f"log_fold{k}.csv") for k in cfg.data.train_folds}
     plot_learning_curves(logs, out_dir / "learning_curves.png")
-    logger.info("mean best weighted R2 over folds %s: %.4f (baseline %.4f); outputs in %s",
-                list(cfg.data.train_folds), summary["mean_best_score"], summary["mean_baseline_train_mean_r2"], out_dir)
+    where = ("on the scored folds themselves: optimistic, use eval_5head_oof with --select-on inner for an honest "
+             "score" if cfg.train.select_on == "fold" else "on the inner selection splits (not an OOF score)")
+    logger.info("mean best weighted R2 over folds %s, %s: %.4f (baseline %.4f); outputs in %s",
+                list(cfg.data.train_folds), where, summary["mean_best_score"], summary["mean_baseline_train_mean_r2"],
+                out_dir)
     return summary
 
 
@@ -161,9 +164,9 @@ def train_fold(cfg: RunConfig, fold: int, df: pd.DataFrame, folds: np.ndarray, r
     seed_everything(cfg.init_seed(fold))
     start = time.perf_counter()
     trainer = None
+    fit_df, select_df = selection_split(cfg, fold, df[folds != fold], df[folds == fold])
     try:
-        trainer = FoldTrainer(cfg, fold, df[folds != fold], df[folds == fold], rt, out_dir, image_cache=cache,
-                              config_record=record)
+        trainer = FoldTrainer(cfg, fold, fit_df, select_df, rt, out_dir, image_cache=cache, config_record=record)
         result = trainer.run()
     except torch.OutOfMemoryError as exc:  # the settings, not the code: say which options to lower
         raise ConfigError(f"fold {fold}: {rt.device} ran out of memory ({' '.join(str(exc).split())[:200]}); "
@@ -172,9 +175,23 @@ def train_fold(cfg: RunConfig, fold: int, df: pd.DataFrame, folds: np.ndarray, r
         epoch = trainer.progress.epoch if trainer is not None else 0
         raise Stopped(stop.signum, f"stopped by {stop.signal_name} at fold {fold} epoch {epoch}; {hint}") from None
     result["seconds"] = time.perf_counter() - start
-    logger.info("fold %d: best weighted R2 %.4f at epoch %d (training-mean baseline %.4f) -> %s", fold,
-                result["best_score"], result["best_epoch"], result["baseline_train_mean_r2"], checkpoint_name(fold))
+    result["selected_on"] = cfg.train.select_on
+    on = "the scored fold" if cfg.train.select_on == "fold" else f"the inner split ({len(select_df)} images)"
+    logger.info("fold %d: best weighted R2 %.4f on %s at epoch %d (training-mean baseline %.4f) -> %s", fold,
+                result["best_score"], on, result["best_epoch"], result["baseline_train_mean_r2"], checkpoint_name(fold))
     return result
+
+
+def selection_split(cfg: RunConfig, fold: int, train_df: pd.DataFrame, val_df: pd.DataFrame):
+    """(images to fit on, images to select the epoch on): the training folds and the scored fold as in the reference
+    (`--select-on fold`), or an inner split of the training folds (`--select-on inner`) so that nothing is chosen
+    on the fold that is then scored. The inner split is grouped like --cv-strategy and seeded per fold."""
+    if cfg.train.select_on == "fold":
+        return train_df, val_df
+    held = inner_split(train_df, cfg.data.cv_strategy, cfg.train.inner_frac, cfg.fold_seed(fold))
+    logger.info("fold %d: selecting on an inner split of %d of its %d training images (--select-on inner); the "
+                "scored fold's %d images are not seen until eval", fold, held.sum(), len(train_df), len(val_df))
+    return train_df[~held], train_df[held]
 
 
 def summarize(results: list[dict], cfg: RunConfig) -> dict:
@@ -183,6 +200,8 @@ def summarize(results: list[dict], cfg: RunConfig) -> dict:
         "folds": {str(r["fold"]): r for r in results},
         "mean_best_score": float(np.mean([r["best_score"] for r in results])),
         "mean_baseline_train_mean_r2": float(np.mean([r["baseline_train_mean_r2"] for r in results])),
+        # where mean_best_score was measured: "fold" (the scored folds: optimistic) or "inner" (inner splits)
+        "selected_on": cfg.train.select_on,
         "metric": "global weighted R2 (grams, post-processed), weights "
                   + ", ".join(f"{t} {w}" for t, w in zip(TARGETS, COMPETITION_WEIGHTS, strict=True)),
         "train_folds": list(cfg.data.train_folds),

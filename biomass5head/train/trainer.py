@@ -25,6 +25,7 @@ from biomass5head.model.checkpoint import checkpoint_name, save_checkpoint
 from biomass5head.model.five_head import FiveHeadModel, build_model
 from biomass5head.model.postprocess import apply_postprocess, compute_context_ratios
 from biomass5head.model.predict import predict
+from biomass5head.model.ridge_base import fit_ridge_base
 from biomass5head.model.targets import TargetTransform
 from biomass5head.train.engine import cosine_with_warmup, train_one_epoch
 from biomass5head.train.losses import BiomassLoss
@@ -93,7 +94,7 @@ class FoldTrainer:
         self.config_record = config_record if config_record is not None else cfg.to_dict()
         self.train_df, self.val_df = train_df.reset_index(drop=True), val_df.reset_index(drop=True)
         self.transform = TargetTransform.fit(self.train_df[list(TARGETS)].to_numpy(np.float64),
-                                             log_target=cfg.loss.use_log_target)
+                                             kind=cfg.loss.transform_kind)
         self.context_ratios = compute_context_ratios(self.train_df) if cfg.model.use_aux_heads else None
         self.model = build_model(cfg).to(self.device)
         self.tiles = TileSpec(cfg.model.grid, cfg.model.img_size, *self.model.mean_std)
@@ -139,12 +140,32 @@ class FoldTrainer:
             self._feature_loaders = self._build_feature_loaders()
         return self._feature_loaders
 
-    def _build_feature_loaders(self):
-        cfg, plan = self.cfg, self.feature_plan
+    def _feature_cache(self) -> tuple[str, dict, dict]:
+        """(cache root, FeatureCache key, ensure_features arguments) of this fold's frozen backbone."""
+        cfg = self.cfg
         key = dict(backbone=cfg.model.backbone, weights_digest=state_dict_digest(self.model.backbone),
                    tiles=self.tiles, compute_dtype=self.runtime.dtype_name)
-        root = cfg.cache.resolved_dir(cfg.data.base_path)
         common = dict(tiles=self.tiles, runtime=self.runtime, batch_size=cfg.data.batch_size, seed=cfg.seed)
+        return cfg.cache.resolved_dir(cfg.data.base_path), key, common
+
+    def fit_ridge_base(self) -> float:
+        """--ridge-base: fit the model's ridge on the training images' original features (model space), alpha chosen
+        on the selection images; returns the alpha."""
+        root, key, common = self._feature_cache()
+        paths = [str(p) for p in (*self.train_df["abs_path"], *self.val_df["abs_path"])]
+        table = ensure_features(FeatureCache(root, **key), self.model, paths, ["id"], desc=f"fold {self.fold} features",
+                                **common)
+        fit, select = (np.stack([table[str(p)]["id"] for p in df["abs_path"]]) for df in (self.train_df, self.val_df))
+        grams = [df[list(TARGETS)].to_numpy(np.float64) for df in (self.train_df, self.val_df)]
+        alpha = fit_ridge_base(self.model.ridge, fit, self.transform.encode(grams[0]), select, grams[1],
+                               self.transform.decode, lambda true, pred: compute_metrics(true, pred)["weighted_r2"])
+        logger.info("fold %d: ridge base fitted on %d images (%s space), alpha %g chosen on the %d selection images",
+                    self.fold, len(fit), self.transform.kind, alpha, len(select))
+        return alpha
+
+    def _build_feature_loaders(self):
+        cfg, plan = self.cfg, self.feature_plan
+        root, key, common = self._feature_cache()
         train_paths, val_paths = self.train_df["abs_path"], self.val_df["abs_path"]
         originals = FeatureCache(root, **key)
         if plan.aug_key:
@@ -203,6 +224,8 @@ class FoldTrainer:
         logger.info("fold %d: %d train / %d val images; training-mean baseline R2 %.4f", self.fold,
                     len(self.train_df), len(self.val_df), baseline)
         logger.info("%s", self.feature_plan.message)
+        if self.model.ridge is not None and not state:  # (a resumed fold's ridge comes with its saved weights)
+            self.fit_ridge_base()
         finished = False
         try:
             for index, stage in enumerate(plan_stages(cfg)):

@@ -1,0 +1,82 @@
+"""`--ridge-base`: a closed-form ridge regression inside the 5-head model, which the heads correct.
+
+On a few hundred noisy photos a trained head of a million parameters loses to a linear model on the same frozen
+features (docs/MODEL_QUALITY.md). With `--ridge-base` the model's output is
+
+    reg = softplus(heads(x) + softplus^-1(ridge(x)))
+
+where `ridge(x)` is a linear function of the mean tile feature of both views (standardised), fitted in the model's
+target space (the `--target-transform`, divided by the per-target scale) on the fold's training images before the
+first epoch. The heads' last layers start at zero, so training starts from the ridge's predictions and the heads
+learn only what the ridge misses. The ridge's numbers are buffers of the model: they are saved in the checkpoint
+and loaded with it, so eval and predict need nothing else.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ALPHAS = np.logspace(-1, 5, 13)
+MIN_TARGET = 1e-3  # ridge outputs below this (model space) are raised to it before softplus^-1
+
+
+def mean_tile_feature(left: torch.Tensor | np.ndarray, right: torch.Tensor | np.ndarray):
+    """(B, T, D) tile features of both views -> (B, D) mean over all 2T tiles."""
+    if isinstance(left, torch.Tensor):
+        return torch.cat([left, right], dim=1).mean(dim=1)
+    return np.concatenate([left, right], axis=1).mean(axis=1)
+
+
+class RidgeBase(nn.Module):
+    """t = ((mean tile feature - mean) / std) @ weight + bias, in model space; all buffers (not trained)."""
+
+    def __init__(self, dim: int, n_targets: int = 5):
+        super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_std", torch.ones(dim))
+        self.register_buffer("weight", torch.zeros(dim, n_targets))
+        self.register_buffer("bias", torch.zeros(n_targets))
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """left, right (B, T, D) -> (B, 5) raw offset: softplus^-1 of the ridge's model-space prediction."""
+        x = (mean_tile_feature(left, right).float() - self.feature_mean) / self.feature_std
+        t = (x @ self.weight + self.bias).clamp(min=MIN_TARGET)
+        return t + torch.log(-torch.expm1(-t))  # softplus^-1(t) = log(exp(t) - 1), stable for small and large t
+
+    @torch.no_grad()
+    def set(self, mean: np.ndarray, std: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> None:
+        for name, value in (("feature_mean", mean), ("feature_std", std), ("weight", weight), ("bias", bias)):
+            getattr(self, name).copy_(torch.as_tensor(np.asarray(value), dtype=torch.float32))
+
+
+def _solve(x: np.ndarray, t: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge of t (N, 5) on standardised x (N, D): (weight (D, 5), bias (5,)); the bias is not penalised."""
+    xm, tm = x.mean(0), t.mean(0)
+    xc = x - xm
+    w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (t - tm))
+    return w, tm - xm @ w
+
+
+def fit_ridge_base(base: RidgeBase, fit_feats: np.ndarray, fit_t: np.ndarray, select_feats: np.ndarray,
+                   select_grams: np.ndarray, decode, score) -> float:
+    """Fit `base` on the fitting images and return the alpha chosen on the selection images.
+
+    `fit_feats` / `select_feats`: (N, 2, T, D) tile features; `fit_t`: (N, 5) targets in model space; `decode`:
+    model space -> grams; `score(true_grams, pred_grams)`: higher is better (the primary metric). The features
+    are standardised with the fitting images' mean and std."""
+    x = mean_tile_feature(fit_feats[:, 0], fit_feats[:, 1]).astype(np.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x = (x - mean) / std
+    xs = (mean_tile_feature(select_feats[:, 0], select_feats[:, 1]) - mean) / std
+    fits = {float(a): _solve(x, fit_t, a) for a in ALPHAS}
+    scores = {a: score(select_grams, decode(np.maximum(xs @ w + b, MIN_TARGET))) for a, (w, b) in fits.items()}
+    alpha = max(scores, key=scores.get)
+    base.set(mean, std, *fits[alpha])
+    return alpha
+
+
+def ridge_offset(base: RidgeBase | None, left: torch.Tensor, right: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """The heads' raw outputs plus the ridge's offset (when the model has one), then softplus."""
+    return F.softplus(raw if base is None else raw + base(left, right).to(raw.dtype))
