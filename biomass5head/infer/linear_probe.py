@@ -62,9 +62,9 @@ def choose(tiles: np.ndarray, targets: np.ndarray, held: np.ndarray) -> tuple[st
 
 def ridge_oof(tiles: np.ndarray, targets: np.ndarray, folds: np.ndarray, inner: dict[int, np.ndarray]
               ) -> tuple[np.ndarray, dict[int, tuple[str, str, float]]]:
-    """Out-of-fold ridge predictions in grams (N, 5) and the (pooling, target space, alpha) chosen per fold. `tiles` (N, 2, T, D)
-    cached tile features, `targets` (N, 5) grams, `folds` (N,); `inner[k]`: boolean mask over the training rows of
-    fold k (rows with folds != k, in order) of those held out to choose."""
+    """Out-of-fold ridge predictions in grams (N, 5) and the (pooling, target space, alpha) chosen per fold. `tiles`
+    (N, 2, T, D) cached tile features, `targets` (N, 5) grams, `folds` (N,); `inner[k]`: boolean mask over the
+    training rows of fold k (rows with folds != k, in order) of those held out to choose."""
     pred = np.zeros_like(targets, dtype=np.float64)
     chosen = {}
     for fold in np.unique(folds):

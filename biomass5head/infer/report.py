@@ -12,10 +12,10 @@ import pandas as pd
 
 from biomass5head.constants import TARGET_SHORT, TARGETS
 from biomass5head.data.feature_cache import ensure_features
+from biomass5head.data.folds import inner_split, read_fold_csv
 from biomass5head.data.tables import load_train
 from biomass5head.fileio import atomic_path, write_json
 from biomass5head.infer.fold_model import fold_feature_cache, load_fold_model
-from biomass5head.data.folds import inner_split, read_fold_csv
 from biomass5head.infer.linear_probe import ridge_oof
 from biomass5head.infer.oof import selection_note
 from biomass5head.infer.run_folder import RunError, open_run, resolve_options, runtime

@@ -1,9 +1,10 @@
 """Target transform between grams and the model's output space (identity, log1p or sqrt, then a per-target scale).
 
 The model predicts ``t = f(y) / scale`` per target, with ``f = log1p`` under ``--use-log-target``, ``f = sqrt``
-under ``--target-transform sqrt`` and the identity otherwise. ``scale`` is the training fold's mean of ``f(y)`` per target. Scaling (rather than
-standardising) keeps ``y = 0`` at ``t = 0``, so the model's non-negative (softplus) outputs can represent
-every valid target, while bringing the five targets to a comparable magnitude (about 1) for the loss.
+under ``--target-transform sqrt`` and the identity otherwise. ``scale`` is the training fold's mean of ``f(y)`` per
+target. Scaling (rather than standardising) keeps ``y = 0`` at ``t = 0``, so the model's non-negative (softplus)
+outputs can represent every valid target, while bringing the five targets to a comparable magnitude (about 1) for
+the loss.
 """
 from __future__ import annotations
 

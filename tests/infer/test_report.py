@@ -15,8 +15,8 @@ from sklearn.preprocessing import StandardScaler
 from biomass5head.cli import eval as eval_cli
 from biomass5head.cli import report as report_cli
 from biomass5head.constants import TARGETS
-from biomass5head.data.tables import load_train
 from biomass5head.data.folds import inner_split, read_fold_csv
+from biomass5head.data.tables import load_train
 from biomass5head.infer.linear_probe import ALPHAS, choose_alpha, pooled_features, ridge_oof
 from biomass5head.infer.report import probe_features
 from biomass5head.infer.run_folder import open_run
