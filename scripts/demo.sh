@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo, from nothing to a report, on a CPU: set up, import offline DINOv2 ViT-S/14 weights, make a
 # synthetic data set in the competition's layout (357 training + 20 test photos), train the 5-head model on
-# 5 folds with the backbone frozen (tile features computed once, then cached), evaluate out of fold, write a
+# 5 folds with the backbone frozen (tile features computed once, then cached) and the robust recipe (README,
+# "Recipes": epochs chosen on an inner split, so the OOF score is honest), evaluate out of fold, write a
 # Kaggle submission for the test photos and a short report (5-head vs a ridge on the same features).
 #
 # Sized to finish in minutes on a 2-core CPU without native bfloat16: photos at half the competition's size
@@ -28,7 +29,7 @@ $PY -m src.data "$DATA"
 
 $PY -m src.train_5head --base-path "$DATA" --fold-csv "$DATA/trainfold.csv" --output-dir "$RUN" \
     --backbone vit_small_patch14_dinov2.lvd142m --backbone-weights "$WEIGHTS" --img-size "$IMG_SIZE" --grid 2 2 \
-    --freeze-backbone --aug-prob 0 --stereo-swap-prob 0.5 --use-log-target \
+    --freeze-backbone --recipe robust --aug-prob 0 --stereo-swap-prob 0.5 \
     --epochs "${EPOCHS:-60}" --patience "${PATIENCE:-15}" --warmup-epochs 2 --head-lr-stage1 1e-3 --batch-size 16 \
     --device-type cpu "$@"
 $PY -m src.eval_5head_oof --model-dir "$RUN" --device cpu

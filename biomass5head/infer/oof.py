@@ -15,6 +15,7 @@ from biomass5head.data.folds import FoldError, read_fold_csv
 from biomass5head.data.tables import load_train
 from biomass5head.fileio import write_csv, write_json
 from biomass5head.infer.fold_model import predict_oof
+from biomass5head.infer.linear_probe import comparison, probe_oof
 from biomass5head.infer.run_folder import RunError, check_run_photos, open_run, resolve_options, runtime
 from biomass5head.metrics import compute_metrics, format_metrics_table
 from biomass5head.plots import plot_pred_vs_true
@@ -102,6 +103,25 @@ def format_report(metrics: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def compare_with_probe(run, df: pd.DataFrame, folds: np.ndarray, table: pd.DataFrame, metrics: dict) -> None:
+    """For a frozen-backbone run: the ridge probe's OOF score on the same features, folds and images
+    (`linear_probe.py`) goes into `metrics` (`ridge_probe_weighted_r2`) and the log, with a warning when the
+    5-head model loses to it."""
+    if not run.config.train.freeze_backbone or metrics["weighted_r2"] is None:
+        return
+    try:
+        pred, _, _ = probe_oof(run, df, folds)
+    except RunError as exc:
+        logger.info("ridge probe skipped: %s", exc)
+        return
+    rows = pd.Index(df["sample_id_prefix"]).get_indexer(table["sample_id_prefix"])
+    ridge = compute_metrics(df[list(TARGETS)].to_numpy(np.float64)[rows], pred[rows])["weighted_r2"]
+    metrics["ridge_probe_weighted_r2"] = ridge
+    text = comparison(metrics["weighted_r2"], ridge).replace("**", "").replace("²", "2")
+    (logger.info if metrics["weighted_r2"] >= ridge else logger.warning)(
+        "ridge probe on the same features and folds: weighted R2 %.4f. %s", ridge, text)
+
+
 def evaluate(model_dir: str | Path, given: dict) -> dict:
     """The OOF evaluation of a run folder with the command line's options (`given`, None = the run's value);
     writes its three files, prints the summary and returns the metrics."""
@@ -121,6 +141,8 @@ def evaluate(model_dir: str | Path, given: dict) -> dict:
     options = {**opts.record(), "device": str(rt.device), "autocast": rt.dtype_name}
     metrics = oof_metrics(table, evaluated, skipped, int((~keep).sum()), options)
     metrics["selection"] = selection_note(run.config.train.select_on)
+    if opts.feature_cache is not None:  # (with --no-feature-cache the user asked eval not to use it)
+        compare_with_probe(run, df, folds, table, metrics)
     write_csv(run.path / "oof_predictions.csv", table)
     write_json(run.path / "oof_metrics.json", metrics)
     plot_pred_vs_true(table[TRUE_COLS].to_numpy(), table[PRED_COLS].to_numpy(), run.path / "oof_pred_vs_true.png",

@@ -11,46 +11,13 @@ import numpy as np
 import pandas as pd
 
 from biomass5head.constants import TARGET_SHORT, TARGETS
-from biomass5head.data.feature_cache import ensure_features
-from biomass5head.data.folds import inner_split, read_fold_csv
+from biomass5head.data.folds import read_fold_csv
 from biomass5head.data.tables import load_train
 from biomass5head.fileio import atomic_path, write_json
-from biomass5head.infer.fold_model import fold_feature_cache, load_fold_model
-from biomass5head.infer.linear_probe import ridge_oof
+from biomass5head.infer.linear_probe import comparison, probe_oof
 from biomass5head.infer.oof import selection_note
-from biomass5head.infer.run_folder import RunError, open_run, resolve_options, runtime
+from biomass5head.infer.run_folder import RunError, open_run, resolve_options
 from biomass5head.metrics import compute_metrics
-
-
-def probe_features(run, df: pd.DataFrame) -> np.ndarray:
-    """(N, 2, T, D) frozen tile features of the run's training photos, from (or into) its feature cache."""
-    opts = resolve_options(run, {"no_feature_cache": False})
-    if opts.feature_cache is None:
-        raise RunError("the ridge comparison needs a run trained with --freeze-backbone and the feature cache on")
-    rt = runtime(opts)
-    fm = load_fold_model(next(iter(run.checkpoints.values())), opts, rt.device)
-    table = ensure_features(fold_feature_cache(fm, opts, rt), fm.model, df["abs_path"], ["id"], tiles=fm.tiles(opts),
-                            runtime=rt, batch_size=opts.cfg.data.batch_size, desc="probe")
-    return np.stack([table[str(p)]["id"] for p in df["abs_path"]])
-
-
-def probe_oof(run, df: pd.DataFrame, folds: np.ndarray) -> tuple[np.ndarray, dict, int]:
-    """The ridge probe's out-of-fold predictions (N, 5) over every fold of `folds`, its (pooling, space, alpha) per fold
-    and the feature width D. `df` in load_train order (the order the trainer split), `folds` one per row."""
-    cfg = run.config
-    tiles = probe_features(run, df)
-    inner = {int(k): inner_split(df[folds != k], cfg.data.cv_strategy, cfg.train.inner_frac, cfg.fold_seed(int(k)))
-             for k in np.unique(folds)}
-    pred, chosen = ridge_oof(tiles, df[list(TARGETS)].to_numpy(np.float64), folds, inner)
-    return pred, chosen, tiles.shape[-1]
-
-
-def comparison(five_head: float, ridge: float) -> str:
-    """One sentence: does the 5-head beat the ridge probe on the same features?"""
-    if five_head >= ridge:
-        return f"The 5-head model beats the ridge probe by {five_head - ridge:.4f} weighted R²."
-    return (f"**The 5-head model loses to the ridge probe by {ridge - five_head:.4f} weighted R²**: on these photos a "
-            "linear model on the same features is better; try `--recipe robust` (README, \"Recipes\").")
 
 
 def metric_rows(named: dict) -> str:

@@ -136,8 +136,8 @@ def run(cfg: RunConfig, resume: bool = False, command: str = "python -m src.trai
     summary = summarize(results, cfg)
     logs = {k: pd.read_csv(out_dir / f"log_fold{k}.csv") for k in cfg.data.train_folds}
     plot_learning_curves(logs, out_dir / "learning_curves.png")
-    where = ("on the scored folds themselves: optimistic, use eval_5head_oof with --select-on inner for an honest "
-             "score" if cfg.train.select_on == "fold" else "on the inner selection splits (not an OOF score)")
+    where = ("on the scored folds themselves: optimistic; train with --select-on inner for an honest OOF score"
+             if cfg.train.select_on == "fold" else "on the inner selection splits (not an OOF score)")
     logger.info("mean best weighted R2 over folds %s, %s: %.4f (baseline %.4f); outputs in %s",
                 list(cfg.data.train_folds), where, summary["mean_best_score"], summary["mean_baseline_train_mean_r2"],
                 out_dir)

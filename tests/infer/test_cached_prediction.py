@@ -25,7 +25,8 @@ from biomass5head.infer.oof import read_run_folds
 def test_eval_reuses_the_runs_cache_and_matches_pixels(head_only):
     cached, rec = evaluate(head_only.out)  # the run's --feature-cache folder, from config.json
     assert rec.encodes == 0 and rec.decodes("pixels") == [] and rec.decodes("cache") == []
-    assert sum("reused all" in m for m in rec.log) == 2  # folds 0 and 1
+    # folds 0 and 1, then the ridge probe that eval compares with (all 30 training photos)
+    assert sum("reused all" in m for m in rec.log) == 3 and any("reused all 30 entries" in m for m in rec.log)
     pixels, rec = evaluate(head_only.out, "--no-feature-cache")
     assert rec.decodes("cache") == [] and len(rec.decodes("pixels")) == len(pixels)
     assert cached["sample_id_prefix"].tolist() == pixels["sample_id_prefix"].tolist()

@@ -17,8 +17,7 @@ from biomass5head.cli import report as report_cli
 from biomass5head.constants import TARGETS
 from biomass5head.data.folds import inner_split, read_fold_csv
 from biomass5head.data.tables import load_train
-from biomass5head.infer.linear_probe import ALPHAS, choose_alpha, pooled_features, ridge_oof
-from biomass5head.infer.report import probe_features
+from biomass5head.infer.linear_probe import ALPHAS, choose_alpha, pooled_features, probe_features, ridge_oof
 from biomass5head.infer.run_folder import open_run
 from biomass5head.metrics import compute_metrics
 
@@ -89,6 +88,8 @@ def test_report_sets_the_five_heads_beside_the_ridge_on_the_same_features(report
     rows = df.reset_index().set_index("sample_id_prefix").loc[oof["sample_id_prefix"], "index"].to_numpy()
     expected = compute_metrics(true[rows], pred[rows])
     assert ridge["weighted_r2"] == pytest.approx(expected["weighted_r2"], rel=1e-9)
+    # eval already compared the two (log and oof_metrics.json) on the same images
+    assert five_head["ridge_probe_weighted_r2"] == pytest.approx(ridge["weighted_r2"], rel=1e-9)
 
 
 def test_ridge_oof_is_out_of_fold_and_beats_the_mean_on_separable_features():
@@ -136,3 +137,18 @@ def test_report_needs_an_evaluated_frozen_run(tiny_run, head_only, tmp_path, cap
     assert report_cli.main(["--model-dir", str(fine_tuned)]) == 2
     assert "needs a run trained with --freeze-backbone" in caplog.text
     assert not (fine_tuned / "report.md").exists()
+
+
+def test_eval_says_when_the_five_heads_lose_to_the_probe(head_only, tmp_path, caplog, monkeypatch):
+    import biomass5head.infer.oof
+
+    run_dir = copy_run(head_only.out, tmp_path / "run")
+    # a probe that predicts every photo exactly: no model can beat it
+    monkeypatch.setattr(biomass5head.infer.oof, "probe_oof",
+                        lambda run, df, folds: (df[list(TARGETS)].to_numpy(np.float64), {}, 64))
+    assert eval_cli.main(["--model-dir", str(run_dir)]) == 0
+    metrics = json.loads((run_dir / "oof_metrics.json").read_text())
+    assert metrics["ridge_probe_weighted_r2"] == 1.0
+    warned = [r for r in caplog.records if "loses to the ridge probe by" in r.getMessage()]
+    assert warned and warned[0].levelname == "WARNING"
+    assert f"loses to the ridge probe by {1.0 - metrics['weighted_r2']:.4f}" in warned[0].getMessage()
