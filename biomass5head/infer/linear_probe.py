@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import Ridge
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from biomass5head.constants import TARGETS
 from biomass5head.data.feature_cache import ensure_features
@@ -38,31 +35,45 @@ def pooled_features(tile_features: np.ndarray, pooling: str = "mean_max") -> np.
     return np.concatenate([flat.mean(1), flat.max(1)], axis=1)
 
 
-def _fit(features: np.ndarray, targets: np.ndarray, alpha: float, space: str = "log1p"):
-    model = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(features, SPACES[space][0](targets))
-    model.space = space
-    return model
+def ridge_path(x_fit: np.ndarray, t_fit: np.ndarray, x_eval: np.ndarray, alphas) -> np.ndarray:
+    """Ridge predictions (len(alphas), N_eval, 5) for every alpha from one SVD: the features standardised with the
+    fitting rows' mean and std (as scikit-learn's StandardScaler), an unpenalised intercept (as its Ridge)."""
+    mean, var = x_fit.mean(0), x_fit.var(0)
+    n, eps = len(x_fit), np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2  # constant up to rounding: not scaled (as scikit-learn)
+    std = np.where(constant, 1.0, np.sqrt(var))
+    xf, xe = (x_fit - mean) / std, (x_eval - mean) / std
+    t_mean = t_fit.mean(0)
+    u, sv, vt = np.linalg.svd(xf, full_matrices=False)  # xf has zero column means: centred
+    ut_t = u.T @ (t_fit - t_mean)  # (k, 5)
+    xe_v = xe @ vt.T  # (N_eval, k)
+    return np.stack([xe_v @ ((sv / (sv**2 + a))[:, None] * ut_t) + t_mean for a in alphas])
 
 
-def _grams(model, features: np.ndarray) -> np.ndarray:
-    return np.clip(SPACES[getattr(model, "space", "log1p")][1](model.predict(features)), 0.0, None)
+def _grams(pred: np.ndarray, space: str) -> np.ndarray:
+    return np.clip(SPACES[space][1](pred), 0.0, None)
+
+
+def _scores(features, targets, held, space: str = "log1p") -> np.ndarray:
+    """Weighted R2 on the `held` rows of the ridge fitted on the others, for every alpha of ALPHAS."""
+    path = ridge_path(features[~held], SPACES[space][0](targets[~held]), features[held], ALPHAS)
+    return np.array([compute_metrics(targets[held], _grams(p, space))["weighted_r2"] for p in path])
 
 
 def choose_alpha(features: np.ndarray, targets: np.ndarray, held: np.ndarray) -> float:
-    """The alpha of ALPHAS whose ridge, fitted on the rows not `held`, scores best (weighted R2 in grams) on `held`."""
-    return float(ALPHAS[int(np.argmax([_score(features, targets, held, a) for a in ALPHAS]))])
-
-
-def _score(features, targets, held, alpha, space: str = "log1p") -> float:
-    fit = _fit(features[~held], targets[~held], alpha, space)
-    return compute_metrics(targets[held], _grams(fit, features[held]))["weighted_r2"]
+    """The alpha of ALPHAS whose log1p ridge, fitted on the rows not `held`, scores best (weighted R2 in grams) on
+    `held`."""
+    return float(ALPHAS[int(np.argmax(_scores(features, targets, held)))])
 
 
 def choose(tiles: np.ndarray, targets: np.ndarray, held: np.ndarray) -> tuple[str, str, float]:
     """The (pooling, target space, alpha) of POOLINGS x SPACES x ALPHAS whose ridge, fitted on the rows not `held`,
-    scores best (weighted R2 in grams) on `held`. `tiles` (N, 2, T, D)."""
-    scores = {(p, s, float(a)): _score(pooled_features(tiles, p), targets, held, a, s)
-              for p in POOLINGS for s in SPACES for a in ALPHAS}
+    scores best (weighted R2 in grams) on `held` (the first of equal scores). `tiles` (N, 2, T, D)."""
+    scores = {}
+    for p in POOLINGS:
+        x = pooled_features(tiles, p)
+        for s in SPACES:
+            scores.update({(p, s, float(a)): v for a, v in zip(ALPHAS, _scores(x, targets, held, s), strict=True)})
     return max(scores, key=scores.get)
 
 
@@ -77,7 +88,7 @@ def ridge_oof(tiles: np.ndarray, targets: np.ndarray, folds: np.ndarray, inner: 
         train, held = folds != fold, folds == fold
         pooling, space, alpha = chosen[int(fold)] = choose(tiles[train], targets[train], inner[int(fold)])
         x = pooled_features(tiles, pooling)
-        pred[held] = _grams(_fit(x[train], targets[train], alpha, space), x[held])
+        pred[held] = _grams(ridge_path(x[train], SPACES[space][0](targets[train]), x[held], [alpha])[0], space)
     return pred, chosen
 
 
