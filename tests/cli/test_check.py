@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from competition_files import long_test_rows, make_test, make_train, train_rows, write_csv
 
 from biomass5head.cli.check import main
@@ -44,6 +45,7 @@ def test_cli_reports_problems_of_both_files_and_fails(tmp_path, capsys):
     assert "train.csv: 3 images" not in captured.out
 
 
+@pytest.mark.slow  # 3-6 s (processes or an extra run): in .ci/run's slow pass; README command 2 under 6 min
 def test_cli_module_exit_codes(tmp_path):
     def run(base: Path) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "src.data", str(base)], cwd=ROOT, capture_output=True, text=True)

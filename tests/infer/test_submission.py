@@ -87,6 +87,7 @@ def _direct_grams(ckpt_path, paths, with_context: bool = False):
     return grams, probs, ckpt["context_ratios"]
 
 
+@pytest.mark.slow  # 3-6 s (processes or an extra run): in .ci/run's slow pass; README command 2 under 6 min
 def test_images_folder_gives_one_row_per_photo(submission, run_dir, tiny_data, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -148,6 +149,7 @@ def test_run_without_checkpoints_is_a_clear_error(tmp_path, caplog):
     assert not (tmp_path / "run" / "submission.csv").exists()
 
 
+@pytest.mark.slow  # 3-6 s (processes or an extra run): in .ci/run's slow pass; README command 2 under 6 min
 def test_context_adjustment_uses_each_folds_ratios_before_the_fold_average(run_dir, tiny_data, tmp_path):
     """A run with --apply-context-adjustment: each fold's grams are adjusted with that fold's ratios and its aux
     probabilities, then averaged (adjusting the average with one fold's ratios gives other numbers)."""

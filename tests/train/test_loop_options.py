@@ -73,6 +73,7 @@ def test_cache_images_decodes_each_photo_once(default_run, tiny_data, tmp_path_f
     assert default_run.trainers[0].train_loader.dataset.image_cache is None
 
 
+@pytest.mark.slow  # 3-6 s (processes or an extra run): in .ci/run's slow pass; README command 2 under 6 min
 def test_num_workers_and_prefetch_factor(tiny_data, tmp_path_factory):
     args = ("--num-workers", "2", "--prefetch-factor", "2", "--epochs", "2", "--stereo-swap-prob", "0.5",
             "--mixup-prob", "0.5")

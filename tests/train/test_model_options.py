@@ -2,6 +2,7 @@
 effect on a run."""
 from __future__ import annotations
 
+import pytest
 import torch
 from spied_run import (
     FAST_BACKBONE,
@@ -57,6 +58,7 @@ def test_grad_ckpt_checkpoints_the_backbone_blocks(default_run, arch_run):
     assert default_run.grad_ckpt_calls == 0
 
 
+@pytest.mark.slow  # 3-6 s (processes or an extra run): in .ci/run's slow pass; README command 2 under 6 min
 def test_non_register_backbone_trains(tiny_data, tmp_path_factory):
     name = "vit_small_patch14_dinov2.lvd142m"
     run = train(tmp_path_factory, tiny_data, "--backbone", name, "--img-size", "28", "--freeze-backbone",

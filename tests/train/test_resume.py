@@ -74,6 +74,7 @@ def test_a_stopped_and_resumed_run_ends_like_an_uninterrupted_one(mode, tiny_dat
     assert not list(stopped.glob("5head_last_fold*.pth"))  # removed when each fold ended
 
 
+@pytest.mark.slow  # 3-6 s (processes or an extra run): in .ci/run's slow pass; README command 2 under 6 min
 def test_ctrl_c_exits_130_and_resume_refuses_other_options(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert _run(tiny_data, run, [], stop_at=1, signum=signal.SIGINT) == 130
