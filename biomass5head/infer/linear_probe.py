@@ -115,6 +115,18 @@ def probe_oof(run, df: pd.DataFrame, folds: np.ndarray) -> tuple[np.ndarray, dic
     return pred, chosen, tiles.shape[-1]
 
 
+def probe_metrics(run, df: pd.DataFrame, folds: np.ndarray, sample_ids) -> dict:
+    """The ridge probe's OOF metrics on the images `sample_ids` (in that order), trained over every fold of `folds`
+    (one per row of `df`, in load_train order), with its choices per fold (`chosen_per_fold`) and the feature
+    width (`feature_dim`)."""
+    pred, chosen, dim = probe_oof(run, df, folds)
+    rows = pd.Index(df["sample_id_prefix"]).get_indexer(pd.Index(sample_ids))
+    metrics = compute_metrics(df[list(TARGETS)].to_numpy(np.float64)[rows], pred[rows])
+    metrics["chosen_per_fold"] = {str(k): {"pooling": p, "space": sp, "alpha": a} for k, (p, sp, a) in chosen.items()}
+    metrics["feature_dim"] = dim
+    return metrics
+
+
 def comparison(five_head: float, ridge: float) -> str:
     """One sentence: does the 5-head beat the ridge probe on the same features?"""
     if five_head >= ridge:

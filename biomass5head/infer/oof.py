@@ -15,7 +15,7 @@ from biomass5head.data.folds import FoldError, read_fold_csv
 from biomass5head.data.tables import load_train
 from biomass5head.fileio import write_csv, write_json
 from biomass5head.infer.fold_model import predict_oof
-from biomass5head.infer.linear_probe import comparison, probe_oof
+from biomass5head.infer.linear_probe import comparison, probe_metrics
 from biomass5head.infer.run_folder import RunError, check_run_photos, open_run, resolve_options, runtime
 from biomass5head.metrics import compute_metrics, format_metrics_table
 from biomass5head.plots import plot_pred_vs_true
@@ -110,12 +110,10 @@ def compare_with_probe(run, df: pd.DataFrame, folds: np.ndarray, table: pd.DataF
     if not run.config.train.freeze_backbone or metrics["weighted_r2"] is None:
         return
     try:
-        pred, _, _ = probe_oof(run, df, folds)
+        ridge = probe_metrics(run, df, folds, table["sample_id_prefix"])["weighted_r2"]
     except RunError as exc:
         logger.info("ridge probe skipped: %s", exc)
         return
-    rows = pd.Index(df["sample_id_prefix"]).get_indexer(table["sample_id_prefix"])
-    ridge = compute_metrics(df[list(TARGETS)].to_numpy(np.float64)[rows], pred[rows])["weighted_r2"]
     metrics["ridge_probe_weighted_r2"] = ridge
     text = comparison(metrics["weighted_r2"], ridge).replace("**", "").replace("²", "2")
     (logger.info if metrics["weighted_r2"] >= ridge else logger.warning)(

@@ -7,17 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from biomass5head.constants import TARGET_SHORT, TARGETS
 from biomass5head.data.folds import read_fold_csv
 from biomass5head.data.tables import load_train
 from biomass5head.fileio import atomic_path, write_json
-from biomass5head.infer.linear_probe import comparison, probe_oof
+from biomass5head.infer.linear_probe import comparison, probe_metrics
 from biomass5head.infer.oof import selection_note
 from biomass5head.infer.run_folder import RunError, open_run, resolve_options
-from biomass5head.metrics import compute_metrics
 
 
 def metric_rows(named: dict) -> str:
@@ -44,11 +42,9 @@ def build_report(run_dir: Path) -> str:
     oof = pd.read_csv(run.path / "oof_predictions.csv")
     df = load_train(resolve_options(run, {}).data_dir)
     folds = read_fold_csv(run.path / "folds.csv", df, run.config.data.num_folds)
-    pred, chosen, dim = probe_oof(run, df, folds)
-    rows = df.reset_index(drop=True).reset_index().set_index("sample_id_prefix").loc[oof["sample_id_prefix"], "index"]
-    true = df[list(TARGETS)].to_numpy(np.float64)[rows.to_numpy()]
-    ridge = compute_metrics(true, pred[rows.to_numpy()])
-    ridge["chosen_per_fold"] = {str(k): {"pooling": p, "space": sp, "alpha": a} for k, (p, sp, a) in chosen.items()}
+    ridge = probe_metrics(run, df, folds, oof["sample_id_prefix"])
+    dim = ridge["feature_dim"]
+    per_fold = ", ".join("{pooling} {space} {alpha:g}".format(**c) for c in ridge["chosen_per_fold"].values())
     write_json(run.path / "ridge_oof_metrics.json", ridge)
     baseline = json.loads((run.path / "summary.json").read_text()).get("mean_baseline_train_mean_r2")
     selection = five_head.get("selection", selection_note(run.config.train.select_on))
@@ -61,7 +57,7 @@ def build_report(run_dir: Path) -> str:
         f"over the tiles of both views (the mean, {dim} numbers per photo, or the mean and the max, {2 * dim}; "
         "standardised), same folds; the pooling, target space and alpha are chosen on an inner split of each fold's "
         "training images, never on the scored fold (per fold: "
-        f"{', '.join(f'{p} {sp} {a:g}' for p, sp, a in chosen.values())}).", "",
+        f"{per_fold}).", "",
         metric_rows({"5-head model": five_head, "ridge probe": ridge}), "",
         verdict, "",
         f"Predicting the training mean scores {baseline:.4f} (mean over folds)." if baseline is not None else "",

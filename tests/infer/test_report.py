@@ -162,11 +162,11 @@ def test_report_needs_an_evaluated_frozen_run(tiny_run, head_only, tmp_path, cap
 
 
 def test_eval_says_when_the_five_heads_lose_to_the_probe(head_only, tmp_path, caplog, monkeypatch):
-    import biomass5head.infer.oof
+    import biomass5head.infer.linear_probe
 
     run_dir = copy_run(head_only.out, tmp_path / "run")
     # a probe that predicts every photo exactly: no model can beat it
-    monkeypatch.setattr(biomass5head.infer.oof, "probe_oof",
+    monkeypatch.setattr(biomass5head.infer.linear_probe, "probe_oof",
                         lambda run, df, folds: (df[list(TARGETS)].to_numpy(np.float64), {}, 64))
     assert eval_cli.main(["--model-dir", str(run_dir)]) == 0
     metrics = json.loads((run_dir / "oof_metrics.json").read_text())
