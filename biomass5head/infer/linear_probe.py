@@ -21,8 +21,8 @@ from biomass5head.data.folds import inner_split
 from biomass5head.infer.fold_model import fold_feature_cache, load_fold_model
 from biomass5head.infer.run_folder import RunError, resolve_options, runtime
 from biomass5head.metrics import compute_metrics
+from biomass5head.model.ridge_base import ALPHAS, ridge_solutions
 
-ALPHAS = np.logspace(-1, 5, 13)
 POOLINGS = ("mean", "mean_max")
 SPACES = {"log1p": (np.log1p, np.expm1), "sqrt": (np.sqrt, lambda z: np.square(np.maximum(z, 0.0)))}
 
@@ -36,18 +36,10 @@ def pooled_features(tile_features: np.ndarray, pooling: str = "mean_max") -> np.
 
 
 def ridge_path(x_fit: np.ndarray, t_fit: np.ndarray, x_eval: np.ndarray, alphas) -> np.ndarray:
-    """Ridge predictions (len(alphas), N_eval, 5) for every alpha from one SVD: the features standardised with the
-    fitting rows' mean and std (as scikit-learn's StandardScaler), an unpenalised intercept (as its Ridge)."""
-    mean, var = x_fit.mean(0), x_fit.var(0)
-    n, eps = len(x_fit), np.finfo(np.float64).eps
-    constant = var <= n * eps * var + (n * mean * eps) ** 2  # constant up to rounding: not scaled (as scikit-learn)
-    std = np.where(constant, 1.0, np.sqrt(var))
-    xf, xe = (x_fit - mean) / std, (x_eval - mean) / std
-    t_mean = t_fit.mean(0)
-    u, sv, vt = np.linalg.svd(xf, full_matrices=False)  # xf has zero column means: centred
-    ut_t = u.T @ (t_fit - t_mean)  # (k, 5)
-    xe_v = xe @ vt.T  # (N_eval, k)
-    return np.stack([xe_v @ ((sv / (sv**2 + a))[:, None] * ut_t) + t_mean for a in alphas])
+    """Ridge predictions (len(alphas), N_eval, 5) for every alpha (`model.ridge_base.ridge_solutions`)."""
+    mean, std, fits = ridge_solutions(x_fit, t_fit, alphas)
+    xe = (x_eval - mean) / std
+    return np.stack([xe @ w + b for w, b in fits])
 
 
 def _grams(pred: np.ndarray, space: str) -> np.ndarray:

@@ -22,11 +22,25 @@ ALPHAS = np.logspace(-1, 5, 13)
 MIN_TARGET = 1e-3  # ridge outputs below this (model space) are raised to it before softplus^-1
 
 
-def mean_tile_feature(left: torch.Tensor | np.ndarray, right: torch.Tensor | np.ndarray):
+def mean_tile_feature(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """(B, T, D) tile features of both views -> (B, D) mean over all 2T tiles."""
-    if isinstance(left, torch.Tensor):
-        return torch.cat([left, right], dim=1).mean(dim=1)
-    return np.concatenate([left, right], axis=1).mean(axis=1)
+    return torch.cat([left, right], dim=1).mean(dim=1)
+
+
+def ridge_solutions(x_fit: np.ndarray, t_fit: np.ndarray, alphas) -> tuple[np.ndarray, np.ndarray, list]:
+    """Closed-form ridges of t_fit (N, K) on x_fit (N, D) for every alpha, from one SVD: (feature mean, feature std,
+    [(weight (D, K), bias (K,)) per alpha]) with the features standardised as scikit-learn's StandardScaler does
+    (a feature constant up to rounding is left unscaled) and an unpenalised intercept (as its Ridge). The same
+    solver serves `--ridge-base` and the ridge probe (`infer/linear_probe.py`)."""
+    mean, var = x_fit.mean(0), x_fit.var(0)
+    n, eps = len(x_fit), np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    std = np.where(constant, 1.0, np.sqrt(var))
+    t_mean = t_fit.mean(0)
+    u, sv, vt = np.linalg.svd((x_fit - mean) / std, full_matrices=False)  # zero column means: centred
+    ut_t = u.T @ (t_fit - t_mean)  # (k, K)
+    weights = [vt.T @ ((sv / (sv**2 + a))[:, None] * ut_t) for a in alphas]
+    return mean, std, [(w, t_mean) for w in weights]
 
 
 class RidgeBase(nn.Module):
@@ -51,14 +65,6 @@ class RidgeBase(nn.Module):
             getattr(self, name).copy_(torch.as_tensor(np.asarray(value), dtype=torch.float32))
 
 
-def _solve(x: np.ndarray, t: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge of t (N, 5) on standardised x (N, D): (weight (D, 5), bias (5,)); the bias is not penalised."""
-    xm, tm = x.mean(0), t.mean(0)
-    xc = x - xm
-    w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (t - tm))
-    return w, tm - xm @ w
-
-
 def fit_ridge_base(base: RidgeBase, fit_feats: np.ndarray, fit_t: np.ndarray, select_feats: np.ndarray,
                    select_grams: np.ndarray, decode, score) -> float:
     """Fit `base` on the fitting images and return the alpha chosen on the selection images.
@@ -66,15 +72,13 @@ def fit_ridge_base(base: RidgeBase, fit_feats: np.ndarray, fit_t: np.ndarray, se
     `fit_feats` / `select_feats`: (N, 2, T, D) tile features; `fit_t`: (N, 5) targets in model space; `decode`:
     model space -> grams; `score(true_grams, pred_grams)`: higher is better (the primary metric). The features
     are standardised with the fitting images' mean and std."""
-    x = mean_tile_feature(fit_feats[:, 0], fit_feats[:, 1]).astype(np.float64)
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    x = (x - mean) / std
-    xs = (mean_tile_feature(select_feats[:, 0], select_feats[:, 1]) - mean) / std
-    fits = {float(a): _solve(x, fit_t, a) for a in ALPHAS}
-    scores = {a: score(select_grams, decode(np.maximum(xs @ w + b, MIN_TARGET))) for a, (w, b) in fits.items()}
-    alpha = max(scores, key=scores.get)
-    base.set(mean, std, *fits[alpha])
-    return alpha
+    x = fit_feats.mean(axis=(1, 2), dtype=np.float64)  # the mean over both views' tiles, as mean_tile_feature
+    mean, std, fits = ridge_solutions(x, fit_t, ALPHAS)
+    xs = (select_feats.mean(axis=(1, 2), dtype=np.float64) - mean) / std
+    scores = [score(select_grams, decode(np.maximum(xs @ w + b, MIN_TARGET))) for w, b in fits]
+    best = int(np.argmax(scores))
+    base.set(mean, std, *fits[best])
+    return float(ALPHAS[best])
 
 
 def ridge_offset(base: RidgeBase | None, left: torch.Tensor, right: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
