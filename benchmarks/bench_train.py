@@ -86,7 +86,7 @@ def run_mode(mode: str, dtype_name: str, preset: dict, data: Path, cache_dir: Pa
     from biomass5head.model.targets import TargetTransform
     from biomass5head.train.engine import train_one_epoch
     from biomass5head.train.losses import BiomassLoss
-    from biomass5head.train.trainer import Stage, build_optimizer
+    from biomass5head.train.stages import Stage, build_optimizer
 
     configure_cpu_threads()
     torch.manual_seed(0)

@@ -184,6 +184,7 @@ class TrainConfig:
     keep_last: bool = False
     select_on: str = "fold"  # "fold" (the reference: the scored fold) or "inner" (an inner split of the training folds)
     inner_frac: float = 0.2
+    compile: bool = False  # torch.compile the backbone (pixel epochs)
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")

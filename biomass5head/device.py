@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from biomass5head.distributed import Dist
+
 logger = logging.getLogger(__name__)
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bfloat16 dot products.
@@ -111,12 +113,14 @@ def cpu_info() -> CpuInfo:
     return CpuInfo(usable_cores(), capability, native, reason)
 
 
-def configure_cpu_threads() -> int:
+def configure_cpu_threads(processes: int = 1) -> int:
     """Intra-op threads = the cores this process may use (torch's default counts the machine's cores, which can
-    be more than a container or an affinity mask allows). An explicit OMP_NUM_THREADS wins. Returns the count."""
+    be more than a container or an affinity mask allows), shared by `processes` on the machine (torchrun's local
+    processes: more threads than cores in all makes every process many times slower). An explicit OMP_NUM_THREADS
+    wins. Returns the count."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    cores = cpu_info().cores
+    cores = max(1, cpu_info().cores // max(1, processes))
     if torch.get_num_threads() != cores:
         torch.set_num_threads(cores)
     return cores
@@ -141,8 +145,19 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return 0 if cores < 2 else max(1, cores // 4)
 
 
-def resolve_device(device_type: str | None) -> torch.device:
-    """The requested device, or cuda, then mps, then cpu when none is named; an absent device is an error."""
+def resolve_device(device_type: str | None, local_rank: int | None = None) -> torch.device:
+    """The requested device, or cuda, then mps, then cpu when none is named; an absent device is an error. Under
+    torchrun (`local_rank` given) a CUDA device is the GPU of the process's local rank."""
+    device = _resolve_device(device_type)
+    if device.type == "cuda" and local_rank is not None:
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} needs GPU {local_rank}, but this machine has "
+                             f"{torch.cuda.device_count()}: lower --nproc-per-node")
+        return torch.device("cuda", local_rank)
+    return device
+
+
+def _resolve_device(device_type: str | None) -> torch.device:
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device_type is None:
         if torch.cuda.is_available():
@@ -221,6 +236,7 @@ class Runtime:
     device: torch.device
     precision: Precision
     num_workers: int
+    dist: Dist = Dist()  # this process's rank under torchrun (a single process: rank 0 of 1)
 
     def autocast(self):
         """A fresh autocast context for the run's precision (a no-op for float32)."""
@@ -239,7 +255,8 @@ class Runtime:
         """What config.json keeps of it: the dtype asked for and the one actually used, and why."""
         out = {"device": str(self.device), "amp_dtype_requested": self.precision.requested,
                "amp_dtype_used": self.precision.name, "amp_reason": self.precision.reason,
-               "num_workers_used": self.num_workers, "torch": str(torch.__version__)}
+               "num_workers_used": self.num_workers, "torch": str(torch.__version__),
+               "world_size": self.dist.world_size}
         if self.device.type == "cpu":
             cpu = cpu_info()
             out.update(cpu_capability=cpu.capability, cpu_native_bf16=cpu.native_bf16, cpu_cores=cpu.cores,
@@ -247,10 +264,12 @@ class Runtime:
         return out
 
 
-def resolve_runtime(device_type: str | None, amp_dtype: str, num_workers: int | None) -> Runtime:
-    """Device, threads, precision and workers for a run; logs the CPU it found."""
-    device = resolve_device(device_type)
+def resolve_runtime(device_type: str | None, amp_dtype: str, num_workers: int | None, dist: Dist | None = None
+                    ) -> Runtime:
+    """Device, threads, precision and workers for a run (one rank's, under torchrun); logs the CPU it found."""
+    dist = dist or Dist()
+    device = resolve_device(device_type, dist.local_rank if dist.enabled else None)
     if device.type == "cpu":
-        threads = configure_cpu_threads()
+        threads = configure_cpu_threads(dist.local_world_size)
         logger.info("CPU: %s; %d intra-op threads", cpu_info().describe(), threads)
-    return Runtime(device, resolve_precision(amp_dtype, device), loader_workers(num_workers, device))
+    return Runtime(device, resolve_precision(amp_dtype, device), loader_workers(num_workers, device), dist)

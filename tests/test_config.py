@@ -11,7 +11,7 @@ import pytest
 from biomass5head.cli.train import build_parser, config_from_args
 from biomass5head.config import ConfigError, RunConfig
 from biomass5head.constants import TARGETS
-from biomass5head.train.trainer import plan_stages
+from biomass5head.train.stages import plan_stages
 
 
 def resolve(*argv: str) -> RunConfig:
@@ -89,7 +89,7 @@ def test_every_option_reaches_the_config():
         "--cutmix-alpha", "0.8", "--amp-dtype", "bfloat16", "--num-folds", "4", "--train-folds", "1", "3",
         "--cv-strategy", "group_date_state_bin", "--fold-csv", "f.csv", "--device-type", "cpu", "--seed", "7",
         "--check-photos", "full", "--allow-any-aspect", "--save-every", "60", "--keep-last",
-        "--select-on", "inner", "--inner-frac", "0.3", "--recipe", "robust")
+        "--select-on", "inner", "--inner-frac", "0.3", "--recipe", "robust", "--compile")
     assert cfg.to_dict() == {
         "model": {"backbone": "vit_small_patch14_dinov2.lvd142m", "grid": [1, 3], "img_size": 224, "dropout": 0.3,
                   "hidden_ratio": 0.25, "film": False, "attention_pool": False, "grad_ckpt": True,
@@ -109,7 +109,7 @@ def test_every_option_reaches_the_config():
         "train": {"epochs": 7, "grad_accum": 4, "grad_clip": 0.5, "patience": 3, "lr": 3e-4, "backbone_lr": 2e-5,
                   "weight_decay": 0.05, "warmup_epochs": 1, "two_stage": True, "freeze_epochs": 2,
                   "head_lr_stage1": 5e-4, "freeze_backbone": False, "amp_dtype": "bfloat16", "save_every": 60.0,
-                  "keep_last": True, "select_on": "inner", "inner_frac": 0.3},
+                  "keep_last": True, "select_on": "inner", "inner_frac": 0.3, "compile": True},
         "output_dir": "O", "device_type": "cpu", "seed": 7, "recipe": "robust",
     }
 

@@ -6,8 +6,10 @@ Tiny CPU run on synthetic data (no pretrained weights needed):
     python -m src.make_synthetic --out data
     python -m src.train_5head --base-path data --backbone vit_small_patch14_reg4_dinov2.lvd142m --no-pretrained \
         --img-size 56 --epochs 2 --batch-size 4 --num-workers 0 --device-type cpu
-The same command anywhere, once installed: `biomass5head train --base-path data ...`. Multi-GPU training through
-torchrun arrives in a later release; under torchrun with more than one process this command refuses to start.
+The same command anywhere, once installed: `biomass5head train --base-path data ...`.
+Several GPUs (DistributedDataParallel; global batch = --batch-size x processes), or CPU processes with gloo:
+    torchrun --standalone --nproc-per-node 4 -m src.train_5head --base-path data ...
+Fold-parallel (one process per fold, one run folder): the same options and --output-dir, other --train-folds.
 
 Writes into --output-dir: 5head_best_fold{k}.pth, folds.csv, config.json, log_fold{k}.csv, summary.json and
 learning_curves.png.
@@ -18,6 +20,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-film", action="store_true", help="disable FiLM conditioning between views")
     g.add_argument("--no-attention-pool", action="store_true", help="mean pooling over tiles instead of attention")
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the backbone")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone for the epochs that train or run it on pixels (a GPU option: "
+                        "the first steps wait for compilation; on a CPU it needs a C++ compiler)")
     g.add_argument("--backbone-weights", default=None, metavar="FILE",
                    help="local .safetensors/.pth backbone weights (timm or original DINOv2 layout)")
     g.add_argument("--no-pretrained", action="store_true", help="random backbone initialisation")
@@ -253,7 +259,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           warmup_epochs=warmup_epochs, two_stage=args.two_stage, freeze_epochs=freeze_epochs,
                           head_lr_stage1=args.head_lr_stage1, freeze_backbone=args.freeze_backbone,
                           amp_dtype=args.amp_dtype, save_every=args.save_every, keep_last=args.keep_last,
-                          select_on=args.select_on, inner_frac=args.inner_frac),
+                          select_on=args.select_on, inner_frac=args.inner_frac, compile=args.compile),
         cache=CacheConfig(enabled=not args.no_feature_cache, dir=args.feature_cache, bank=args.feature_bank),
         output_dir=args.output_dir,
         device_type=args.device_type,
@@ -296,6 +302,10 @@ def resume_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    # torchrun's other ranks: warnings and errors only, no progress bars (rank 0 shows them)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when it is first imported, which is below
+        logging.getLogger().setLevel(logging.WARNING)
     from biomass5head.train.kfold import run  # here, so that --help answers without loading torch
 
     command = prog("python -m src.train_5head")

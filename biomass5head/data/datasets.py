@@ -6,7 +6,7 @@ import logging
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from tqdm.auto import tqdm
 
 from biomass5head.constants import AUX_HEADS, IGNORE_INDEX, TARGETS
@@ -98,21 +98,47 @@ def _worker_init(worker_id: int) -> None:
     ds.reseed(int(ds.base_seed) + 1000 * int(ds.epoch) + worker_id + 1)
 
 
+class ShardSampler(Sampler):
+    """Evaluation under torchrun: rank r of N takes items r, r + N, r + 2N, ... in order, so every item is seen by
+    exactly one rank (no padding, unlike DistributedSampler) and gathered predictions cover the set once."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def make_loader(dataset: BiomassDataset, *, batch_size: int, shuffle: bool, num_workers: int, prefetch_factor: int,
-                seed: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling and augmentation are repeatable for a seed (set `dataset.epoch` per epoch)."""
-    dataset.base_seed = seed
+                seed: int, pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A DataLoader whose shuffling and augmentation are repeatable for a seed (call `set_epoch` per epoch).
+
+    Shuffled loaders draw one permutation per (seed, epoch) with torch's DistributedSampler, in a single process
+    too (as rank 0 of 1): rank r of N takes every N-th item of the same permutation, so N processes with batch B
+    see per step exactly the items one process sees with batch N x B. Unshuffled loaders keep dataset order; with
+    N > 1 each rank takes its share (`ShardSampler`). Augmentation is seeded per rank."""
+    dataset.base_seed = seed + 1_000_003 * rank
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if shuffle:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
     kwargs = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, generator=generator,
                       pin_memory=pin_memory, drop_last=False, **kwargs)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Tell the dataset the epoch before iterating; without workers reseed here, with workers `_worker_init` does."""
+    """Tell the sampler and the dataset the epoch before iterating; without workers reseed here, with workers
+    `_worker_init` does."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
     ds = loader.dataset
     ds.epoch = epoch
     if loader.num_workers == 0:

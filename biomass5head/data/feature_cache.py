@@ -120,6 +120,9 @@ def ensure_features(cache: FeatureCache, model, paths, variants, *, tiles: TileS
     """Tile features of every photo and variant, from the cache or computed (and stored) now.
 
     Returns {path: {variant: (2, T, D) float32 array}}. Logs how many entries were reused and computed.
+    Under torchrun (`runtime.dist`) every rank computes and stores its share of the missing entries, then every
+    rank receives all of them through the process group, so the cache folder need not be shared between machines
+    (on each machine the first process stores what the others computed).
     """
     table: dict = {}
     todo: list[tuple[str, str]] = []
@@ -132,11 +135,36 @@ def ensure_features(cache: FeatureCache, model, paths, variants, *, tiles: TileS
             else:
                 table[path][variant] = feats
     reused = sum(len(v) for v in table.values())
+    dist = runtime.dist
+    if dist.enabled:  # every rank must agree on what is missing (a shared folder may gain files meanwhile)
+        todo = sorted(set().union(*dist.all_gather(todo)))
     if not todo:
         logger.info("feature cache %s: reused all %d entries", cache.dir, reused)
         return table
-    logger.info("feature cache %s: reusing %d entries, computing %d", cache.dir, reused, len(todo))
+    logger.info("feature cache %s: reusing %d entries, computing %d%s", cache.dir, reused, len(todo),
+                f" ({dist.world_size} ranks, a share each)" if dist.enabled else "")
+    everything, todo = todo, dist.shard(todo)
     start = time.perf_counter()
+    if todo:
+        _compute(cache, model, todo, table, tiles=tiles, runtime=runtime, batch_size=batch_size, augment=augment,
+                 seed=seed, desc=desc)
+    seconds = time.perf_counter() - start
+    if dist.enabled:
+        mine = {(path, variant): table[path][variant] for path, variant in todo}
+        for share in dist.all_gather(mine):
+            for (path, variant), feats in share.items():
+                if variant not in table[path]:
+                    table[path][variant] = feats
+                    if dist.local_rank == 0 and not cache.file(path, variant).exists():
+                        cache.save(path, variant, feats)
+    logger.info("feature cache: computed %d entries in %.1fs (%.2f photos/s)", len(everything), seconds,
+                len(everything) / max(seconds, 1e-9))
+    return table
+
+
+def _compute(cache: FeatureCache, model, todo, table: dict, *, tiles: TileSpec, runtime: Runtime, batch_size: int,
+             augment, seed: int, desc: str) -> None:
+    """Encode the (photo, variant) entries of `todo`, store each in the cache and in `table`."""
     model.eval()
     bar = tqdm(total=len(todo), desc=desc, unit="view-pair", dynamic_ncols=True)
     chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -155,10 +183,6 @@ def ensure_features(cache: FeatureCache, model, paths, variants, *, tiles: TileS
                 table[path][variant] = f
             bar.update(len(chunk))
     bar.close()
-    seconds = time.perf_counter() - start
-    logger.info("feature cache: computed %d entries in %.1fs (%.2f photos/s)", len(todo), seconds,
-                len(todo) / max(seconds, 1e-9))
-    return table
 
 
 def _chunk_tiles(chunk, *, tiles: TileSpec, augment, seed, cache) -> torch.Tensor:

@@ -97,6 +97,7 @@ class FiveHeadModel(nn.Module):
              for k, h in AUX_HEADS.items()}
         ) if use_aux_heads else None
         self._backbone_trainable = True
+        self._tile_features = self._backbone_features  # compile_backbone() swaps in a compiled one
         if grad_ckpt:
             backbone.set_grad_checkpointing(True)
 
@@ -133,11 +134,18 @@ class FiveHeadModel(nn.Module):
         """Every parameter outside the backbone (FiLM, pooling, projection, heads)."""
         return (p for n, p in self.named_parameters() if not n.startswith("backbone."))
 
+    def compile_backbone(self) -> None:
+        """--compile: the tile encoder runs through torch.compile (weights and state-dict keys unchanged)."""
+        self._tile_features = torch.compile(self._backbone_features)
+
     # --- forward -----------------------------------------------------------------------------------------
+    def _backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Tile features: x (N, 3, S, S) -> (N, D), the backbone's pre-logits output (the CLS token for DINOv2)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._backbone_trainable):
-            return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+            return self._tile_features(x)
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
         """left, right (B, T, 3, S, S) -> dict of `reg` (B, 5) and, with aux heads, `state`/`month`/`species`."""

@@ -74,9 +74,23 @@ def predict(model, loader, rt: Runtime, transform, *, grid: tuple[int, int], tta
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+    if not preds:  # an empty share (torchrun validation of fewer images than ranks)
+        return {"pred": np.zeros((0, 5)), "probs": {}, "index": np.zeros(0, np.int64), "true": np.zeros((0, 5))}
     return {
         "pred": np.concatenate(preds).astype(np.float64),
         "probs": {h: np.concatenate(p) for h, p in probs.items()},
         "index": np.concatenate(index),
         "true": np.concatenate(true).astype(np.float64),
     }
+
+
+def gather_predictions(parts: list[dict]) -> dict:
+    """One `predict` output from the outputs of several ranks, each over its share of a dataset (torchrun
+    validation), back in dataset order by `index`."""
+    parts = [p for p in parts if len(p["index"])] or parts[:1]
+    index = np.concatenate([p["index"] for p in parts])
+    order = np.argsort(index, kind="stable")
+    heads = parts[0]["probs"].keys()
+    return {"pred": np.concatenate([p["pred"] for p in parts])[order],
+            "probs": {h: np.concatenate([p["probs"][h] for p in parts])[order] for h in heads},
+            "index": index[order], "true": np.concatenate([p["true"] for p in parts])[order]}

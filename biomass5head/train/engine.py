@@ -1,6 +1,7 @@
 """One training epoch and the learning-rate schedule; nothing here knows about folds or files."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -46,9 +47,13 @@ def _accuracies(sums: dict) -> dict:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, scaler=None, *, grad_accum=1,
-                    grad_clip=0.0, epoch=0, log_every=50, desc="train") -> dict:
+                    grad_clip=0.0, epoch=0, log_every=50, desc="train", dist=None) -> dict:
     """Train for one pass over `loader` on `rt`'s device and precision (`scaler`: the stage's GradScaler or None);
-    returns mean loss terms, aux accuracies, optimizer steps and speed."""
+    returns mean loss terms, aux accuracies, optimizer steps and speed.
+
+    Under torchrun `model` is DistributedDataParallel over this rank's share of every batch: micro-steps of a
+    gradient accumulation skip the gradient exchange (`no_sync`), and with `dist` the returned losses, accuracies
+    and speed are those of all ranks together."""
     model.train()
     device, autocast = rt.device, rt.autocast()
     transform = loss_fn.transform
@@ -61,16 +66,18 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, s
         data_time += time.perf_counter() - tick
         target = transform.encode(batch["target"].to(device))
         labels = _aux_labels(batch, device)
-        with autocast:
-            out = forward_batch(model, batch, device)
-        aux_logits = {h: out[h].float() for h in AUX_HEADS if h in out} or None
-        loss, terms = loss_fn(out["reg"].float(), target, aux_logits, labels if aux_logits else None)
-        if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}: {detail}")
-        scaled = loss / grad_accum
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if (step + 1) % grad_accum == 0 or step + 1 == n_batches:
+        stepping = (step + 1) % grad_accum == 0 or step + 1 == n_batches
+        with model.no_sync() if not stepping and hasattr(model, "no_sync") else contextlib.nullcontext():
+            with autocast:
+                out = forward_batch(model, batch, device)
+            aux_logits = {h: out[h].float() for h in AUX_HEADS if h in out} or None
+            loss, terms = loss_fn(out["reg"].float(), target, aux_logits, labels if aux_logits else None)
+            if not torch.isfinite(loss):
+                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}: {detail}")
+            scaled = loss / grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if stepping:
             _optimizer_step(optimizer, scaler, grad_clip)
             scheduler.step()
             n_steps += 1
@@ -86,6 +93,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, s
                         loss.item(), optimizer.param_groups[0]["lr"], rate, data_time)
         tick = time.perf_counter()
     seconds = time.perf_counter() - start
+    if dist is not None and dist.enabled:  # every rank's samples: sums and counts added over the ranks
+        keys = sorted(sums)
+        total = dist.all_sum([sums[k] for k in keys] + [n_seen])
+        sums, n_seen = defaultdict(float, zip(keys, total[:-1], strict=True)), int(total[-1])
     result = {k: sums[k] / max(1, n_seen) for k in terms}
     result.update(_accuracies(sums))
     result.update(optimizer_steps=n_steps, seconds=seconds, samples_per_s=n_seen / max(1e-9, seconds),

@@ -5,13 +5,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,14 @@ from biomass5head.data.images import TileSpec
 from biomass5head.data.photo_check import check_photos
 from biomass5head.data.tables import load_train
 from biomass5head.device import resolve_runtime
+from biomass5head.distributed import Dist, init_distributed, shutdown_distributed
 from biomass5head.fileio import write_json
 from biomass5head.interrupt import Stopped
 from biomass5head.model.checkpoint import checkpoint_name, find_checkpoints
 from biomass5head.model.five_head import build_model, describe
 from biomass5head.plots import plot_learning_curves
 from biomass5head.train.resume import last_state_name
+from biomass5head.train.shared_run import config_differences, finished_folds, lock_folds, record_fold, run_lock
 from biomass5head.train.trainer import FoldTrainer
 
 logger = logging.getLogger(__name__)
@@ -46,7 +49,8 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_output_dir(output_dir: str | None) -> Path:
-    """The run folder: the given one (refused when it already holds a run) or a new timestamped one."""
+    """The run folder: the given one (refused when it holds a run's files without its config.json; one with a
+    config.json may be joined, `open_run_folder`) or a new timestamped one."""
     if output_dir is None:
         base = Path("outputs") / datetime.now().strftime("5head_%Y%m%d_%H%M%S")
         path, n = base, 1
@@ -56,11 +60,11 @@ def prepare_output_dir(output_dir: str | None) -> Path:
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--output-dir {path} exists and is not a folder")
-    if path.is_dir():
+    if path.is_dir() and not (path / "config.json").is_file():
         held = [f for f in RUN_FILES if (path / f).exists()] + [p.name for p in find_checkpoints(path).values()]
         if held:
-            raise ConfigError(f"--output-dir {path} already holds a run ({', '.join(held[:4])}): "
-                              "choose a new folder so earlier results are not overwritten")
+            raise ConfigError(f"--output-dir {path} already holds a run ({', '.join(held[:4])}) without its "
+                              "config.json: choose a new folder so earlier results are not overwritten")
     return path
 
 
@@ -86,62 +90,139 @@ def run(cfg: RunConfig, resume: bool = False, command: str = "python -m src.trai
     """Train every fold of --train-folds; returns the summary also written to summary.json. With `resume`, the run
     folder `cfg.output_dir` exists: its folds.csv is kept, finished folds (in summary.json) are skipped and an
     unfinished fold continues from its resume state. `command` is how the user runs training (for the hint a stop
-    prints)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        raise ConfigError(f"torchrun with {world_size} processes: multi-GPU training is not supported yet; "
-                          "run a single process")
-    rt = resolve_runtime(cfg.device_type, cfg.train.amp_dtype, cfg.data.num_workers)
-    out_dir = Path(cfg.output_dir) if resume else prepare_output_dir(cfg.output_dir)
-    df = load_train(cfg.data.base_path)
-    check_photos(df["abs_path"], cfg.model.grid, cfg.model.img_size, level=cfg.data.check_photos,
-                 allow_any_aspect=cfg.data.allow_any_aspect, what="training photos")
-    folds = read_fold_csv(out_dir / "folds.csv", df, cfg.data.num_folds) if resume else assign_folds(cfg, df)
-    missing = [k for k in cfg.data.train_folds if not (folds == k).any()]
-    if missing:
-        raise FoldError(f"--train-folds {missing}: no images in those folds")
-    logger.info("%d images, %d folds, mode %s, device %s, precision %s, %d DataLoader workers", len(df),
-                cfg.data.num_folds, cfg.train.mode, rt.device, rt.dtype_name, rt.num_workers)
-    logger.info("folds:\n%s", fold_summary(df, folds))
-    seed_everything(cfg.seed)
-    mean_std = check_backbone(cfg)
-
-    done = {}
-    if resume:
-        record = json.loads((out_dir / "config.json").read_text())
-        if (out_dir / "summary.json").is_file():
-            done = {int(k): r for k, r in json.loads((out_dir / "summary.json").read_text())["folds"].items()}
-        logger.info("resuming %s: folds %s finished", out_dir, sorted(done) or "none")
-        for leftover in out_dir.glob(".*.tmp"):  # what a second Ctrl-C (an immediate exit) may have left
-            leftover.unlink(missing_ok=True)
-    else:
-        record = {**cfg.to_dict(), "runtime": rt.record()}  # config.json, also inside every checkpoint
-        start_run_folder(out_dir, record, df, folds)
-        logger.info("run folder: %s", out_dir)
-    tiles = TileSpec(cfg.model.grid, cfg.model.img_size, *mean_std)
-    cache = build_image_cache(df["abs_path"], tiles) if cfg.data.cache_images else None
-
-    results = [done[k] for k in cfg.data.train_folds if k in done]
-    hint = f"resume with: {command} --resume {out_dir}"
+    prints). Under torchrun every rank runs this together (distributed.py); rank 0 alone writes the run folder."""
+    dist = init_distributed(cfg.device_type)
     try:
-        for fold in (k for k in cfg.data.train_folds if k not in done):
-            results.append(train_fold(cfg, fold, df, folds, rt, out_dir, cache, record, hint))
-            write_json(out_dir / "summary.json", summarize(results, cfg))  # finished folds, so far
-            if not cfg.train.keep_last:  # only now: until summary.json records the fold, its state may be needed
-                (out_dir / last_state_name(fold)).unlink(missing_ok=True)
-    except Stopped as stop:
-        if hint in str(stop):
-            raise
-        raise Stopped(stop.signum, f"{stop}; {hint}") from None
-    summary = summarize(results, cfg)
-    logs = {k: pd.read_csv(out_dir / f"log_fold{k}.csv") for k in cfg.data.train_folds}
+        return _run(cfg, dist, resume, command)
+    finally:
+        shutdown_distributed()
+
+
+def _run(cfg: RunConfig, dist: Dist, resume: bool, command: str) -> dict:
+    rt = resolve_runtime(cfg.device_type, cfg.train.amp_dtype, cfg.data.num_workers, dist)
+    df = load_train(cfg.data.base_path)
+    seed_everything(cfg.seed)
+    mean_std = check_backbone(cfg)  # before the run folder exists: a bad backbone or --img-size leaves nothing
+    with contextlib.ExitStack() as locks:  # this process's fold locks, held until it ends
+        opened = on_rank0(dist, lambda: open_run_folder(cfg, df, rt, resume, locks))
+        out_dir, folds, record, done = Path(opened[0]), *opened[1:]
+        if dist.enabled:
+            logger.info("DDP over %d ranks: global batch %d (--batch-size %d per rank) on pixels; epochs on cached "
+                        "features run on every rank alike", dist.world_size, cfg.data.batch_size * dist.world_size,
+                        cfg.data.batch_size)
+        tiles = TileSpec(cfg.model.grid, cfg.model.img_size, *mean_std)
+        cache = build_image_cache(df["abs_path"], tiles) if cfg.data.cache_images else None
+
+        results = [done[k] for k in cfg.data.train_folds if k in done]
+        hint = f"resume with: {command} --resume {out_dir}"
+        written = None
+        try:
+            for fold in (k for k in cfg.data.train_folds if k not in done):
+                result = train_fold(cfg, fold, df, folds, rt, out_dir, cache, record, hint)
+                results.append(result)
+                if dist.is_main:
+                    written = record_fold(out_dir, result, cfg.data.train_folds, partial(summarize, cfg=cfg))
+                    if not cfg.train.keep_last:  # only now: until summary.json records the fold, its state is needed
+                        (out_dir / last_state_name(fold)).unlink(missing_ok=True)
+        except Stopped as stop:
+            if hint in str(stop):
+                raise
+            raise Stopped(stop.signum, f"{stop}; {hint}") from None
+    if not dist.is_main:
+        return summarize(results, list(cfg.data.train_folds), cfg)
+    summary = written or record_fold(out_dir, None, cfg.data.train_folds, partial(summarize, cfg=cfg))
+    mine = summarize(results, list(cfg.data.train_folds), cfg)
+    logs = {int(k): pd.read_csv(out_dir / f"log_fold{k}.csv") for k in summary["folds"]
+            if (out_dir / f"log_fold{k}.csv").is_file()}
     plot_learning_curves(logs, out_dir / "learning_curves.png")
     where = ("on the scored folds themselves: optimistic; train with --select-on inner for an honest OOF score"
              if cfg.train.select_on == "fold" else "on the inner selection splits (not an OOF score)")
     logger.info("mean best weighted R2 over folds %s, %s: %.4f (baseline %.4f); outputs in %s",
-                list(cfg.data.train_folds), where, summary["mean_best_score"], summary["mean_baseline_train_mean_r2"],
+                list(cfg.data.train_folds), where, mine["mean_best_score"], mine["mean_baseline_train_mean_r2"],
                 out_dir)
+    if summary["train_folds"] != list(cfg.data.train_folds):
+        pending = [k for k in summary["train_folds"] if str(k) not in summary["folds"]]
+        logger.info("the run's folds: %s trained%s", sorted(int(k) for k in summary["folds"]),
+                    f", {pending} still to come from the other processes" if pending else "")
     return summary
+
+
+def on_rank0(dist: Dist, fn):
+    """fn() on rank 0 and its result on every rank; when it fails there, every rank fails with its message (the
+    others would otherwise wait for a result that never comes)."""
+    if not dist.enabled:
+        return fn()
+    outcome = None
+    if dist.is_main:
+        try:
+            outcome = ("ok", fn())
+        except Exception as exc:
+            dist.broadcast(("error", str(exc)))
+            raise
+    outcome = dist.broadcast(outcome)
+    if outcome[0] == "error":
+        raise ConfigError(f"rank 0 failed: {outcome[1]}")
+    return outcome[1]
+
+
+def open_run_folder(cfg: RunConfig, df: pd.DataFrame, rt, resume: bool, locks: contextlib.ExitStack):
+    """Check the photos, then create the run folder, join it (fold-parallel, shared_run.py) or reopen it (--resume),
+    and lock the folds this process trains. Returns (run folder, folds, config.json record, finished folds)."""
+    check_photos(df["abs_path"], cfg.model.grid, cfg.model.img_size, level=cfg.data.check_photos,
+                 allow_any_aspect=cfg.data.allow_any_aspect, what="training photos")
+    out_dir = Path(cfg.output_dir) if resume else prepare_output_dir(cfg.output_dir)
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(out_dir):
+            active = any(out_dir.glob(".fold*.lock"))
+            joining = not resume and (out_dir / "config.json").is_file()
+            if resume or joining:
+                record = json.loads((out_dir / "config.json").read_text())
+                folds = read_fold_csv(out_dir / "folds.csv", df, cfg.data.num_folds)
+                done = finished_folds(out_dir)
+            else:
+                record, done = {**cfg.to_dict(), "runtime": rt.record()}, {}  # config.json, also in every checkpoint
+                folds = assign_folds(cfg, df)
+            missing = [k for k in cfg.data.train_folds if not (folds == k).any()]
+            if missing:
+                raise FoldError(f"--train-folds {missing}: no images in those folds")
+            if joining:
+                check_join(out_dir, record, cfg, done)
+            lock_folds(locks, out_dir, [k for k in cfg.data.train_folds if k not in done])
+            if not resume and not joining:
+                start_run_folder(out_dir, record, df, folds)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    logger.info("%d images, %d folds, mode %s, device %s, precision %s, %d DataLoader workers", len(df),
+                cfg.data.num_folds, cfg.train.mode, rt.device, rt.dtype_name, rt.num_workers)
+    logger.info("folds:\n%s", fold_summary(df, folds))
+    if resume:
+        logger.info("resuming %s: folds %s finished", out_dir, sorted(done) or "none")
+        if not active:  # what a second Ctrl-C (an immediate exit) may have left, unless others write there now
+            for leftover in out_dir.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+    else:
+        logger.info("run folder: %s%s", out_dir, " (joined: fold-parallel)" if joining else "")
+    return str(out_dir), folds, record, done
+
+
+def check_join(out_dir: Path, record: dict, cfg: RunConfig, done: dict) -> None:
+    """A process may join an existing run only with its configuration (but for --train-folds, --num-workers and
+    --device-type) and only for folds not yet trained."""
+    diffs = config_differences(record, cfg)
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        raise ConfigError(f"--output-dir {out_dir} already holds a run with another configuration ({shown}): choose "
+                          "a new folder so earlier results are not overwritten, or give that run's options to join "
+                          "it with other --train-folds")
+    clash = [k for k in cfg.data.train_folds if k in done]
+    if clash:
+        raise ConfigError(f"--output-dir {out_dir} already holds a run in which fold(s) {clash} are trained "
+                          "(summary.json): give other --train-folds to join it, or choose a new folder")
+    logger.info("joining the run in %s (same configuration): training folds %s", out_dir, list(cfg.data.train_folds))
 
 
 def start_run_folder(out_dir: Path, record: dict, df: pd.DataFrame, folds: np.ndarray) -> None:
@@ -194,8 +275,9 @@ def selection_split(cfg: RunConfig, fold: int, train_df: pd.DataFrame, val_df: p
     return train_df[~held], train_df[held]
 
 
-def summarize(results: list[dict], cfg: RunConfig) -> dict:
-    """summary.json: best score per fold and their mean, with the training-mean baseline beside them."""
+def summarize(results: list[dict], asked: list[int], cfg: RunConfig) -> dict:
+    """summary.json: best score per fold and their mean, with the training-mean baseline beside them; `asked` are
+    the folds to train (of every process training the run)."""
     return {
         "folds": {str(r["fold"]): r for r in results},
         "mean_best_score": float(np.mean([r["best_score"] for r in results])),
@@ -204,6 +286,7 @@ def summarize(results: list[dict], cfg: RunConfig) -> dict:
         "selected_on": cfg.train.select_on,
         "metric": "global weighted R2 (grams, post-processed), weights "
                   + ", ".join(f"{t} {w}" for t, w in zip(TARGETS, COMPETITION_WEIGHTS, strict=True)),
-        "train_folds": list(cfg.data.train_folds),
-        "complete": len(results) == len(cfg.data.train_folds),  # False while folds are pending (--resume)
+        "train_folds": sorted(asked),
+        # False while folds are pending (--resume, or other processes of a fold-parallel run)
+        "complete": {int(r["fold"]) for r in results} >= set(asked),
     }

@@ -4,12 +4,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from biomass5head.config import RunConfig
 from biomass5head.constants import AUX_HEADS, TARGET_SHORT, TARGETS
@@ -22,65 +21,19 @@ from biomass5head.device import Runtime
 from biomass5head.fileio import write_csv
 from biomass5head.metrics import compute_metrics
 from biomass5head.model.checkpoint import checkpoint_name, save_checkpoint
-from biomass5head.model.five_head import FiveHeadModel, build_model
+from biomass5head.model.five_head import build_model
 from biomass5head.model.postprocess import apply_postprocess, compute_context_ratios
-from biomass5head.model.predict import predict
+from biomass5head.model.predict import gather_predictions, predict
 from biomass5head.model.ridge_base import fit_ridge_base
 from biomass5head.model.targets import TargetTransform
 from biomass5head.train.engine import cosine_with_warmup, train_one_epoch
 from biomass5head.train.losses import BiomassLoss
 from biomass5head.train.resume import Progress, last_state_name, load_state, save_state, set_rng_states, snapshot
+from biomass5head.train.stages import Stage, build_optimizer, group_lr, plan_stages
 
 logger = logging.getLogger(__name__)
 
 SAVE_INTERVAL_S = 60.0  # at most one best-checkpoint write per minute while a fold trains (all at its end)
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    epochs: int
-    backbone_trainable: bool
-    head_lr: float
-    backbone_lr: float | None
-
-
-def plan_stages(cfg: RunConfig) -> list[Stage]:
-    """The training stages of the chosen mode (head-only, two-stage or single-stage); empty stages dropped."""
-    t = cfg.train
-    if t.mode == "head_only":
-        stages = [Stage("head_only", t.epochs, False, t.head_lr_stage1, None)]
-    elif t.mode == "two_stage":
-        stages = [Stage("stage1", t.freeze_epochs, False, t.head_lr_stage1, None),
-                  Stage("stage2", t.epochs - t.freeze_epochs, True, t.lr, t.backbone_lr)]
-    else:
-        stages = [Stage("single", t.epochs, True, t.lr, t.backbone_lr)]
-    return [s for s in stages if s.epochs > 0]
-
-
-def build_optimizer(model: FiveHeadModel, stage: Stage, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with a head group and, when the backbone trains, a backbone group at its own LR.
-    Biases and norm weights (1-D tensors) get no weight decay."""
-    groups = []
-    parts = [("head", list(model.head_parameters()), stage.head_lr)]
-    if stage.backbone_trainable:
-        parts.append(("backbone", list(model.backbone_parameters()), stage.backbone_lr))
-    for name, params, lr in parts:
-        params = [p for p in params if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": name})
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": name})
-    groups = [g for g in groups if g["params"]]
-    # The fused kernel does the same update in one pass: on a CPU it is 2-3x faster than the default
-    # per-tensor loop, which otherwise costs as much as the forward and backward pass of a small ViT.
-    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]) or None
-    return torch.optim.AdamW(groups, fused=fused)
-
-
-def _group_lr(optimizer, name: str) -> float:
-    lrs = [g["lr"] for g in optimizer.param_groups if g.get("name") == name]
-    return lrs[0] if lrs else 0.0
 
 
 class FoldTrainer:
@@ -90,18 +43,21 @@ class FoldTrainer:
                  out_dir: Path, image_cache: dict | None = None, config_record: dict | None = None):
         self.cfg, self.fold, self.out_dir = cfg, fold, Path(out_dir)
         self.seed = cfg.fold_seed(fold)
-        self.runtime, self.device = runtime, runtime.device
+        self.runtime, self.device, self.dist = runtime, runtime.device, runtime.dist
         self.config_record = config_record if config_record is not None else cfg.to_dict()
         self.train_df, self.val_df = train_df.reset_index(drop=True), val_df.reset_index(drop=True)
         self.transform = TargetTransform.fit(self.train_df[list(TARGETS)].to_numpy(np.float64),
                                              kind=cfg.loss.transform_kind)
         self.context_ratios = compute_context_ratios(self.train_df) if cfg.model.use_aux_heads else None
         self.model = build_model(cfg).to(self.device)
+        if cfg.train.compile:
+            self.model.compile_backbone()
         self.tiles = TileSpec(cfg.model.grid, cfg.model.img_size, *self.model.mean_std)
         self.loss_fn = self._build_loss()
         self.train_loader, self.val_loader = self._build_loaders(image_cache)
         self.feature_plan = plan_feature_path(cfg)
         self._feature_loaders = None
+        self._train_model = self.model  # what the current stage trains (the model, or DDP over it under torchrun)
         self._best, self._last_write = None, -math.inf  # best weights not yet written, time of the last write
         self._snapshot, self._last_state_write = None, time.monotonic()  # resume state not yet written
         self.last_path = self.out_dir / last_state_name(fold)
@@ -127,7 +83,7 @@ class FoldTrainer:
         val_ds = BiomassDataset(self.val_df, self.tiles, image_cache=image_cache)
         pin = self.device.type == "cuda"
         common = dict(batch_size=d.batch_size, num_workers=self.runtime.num_workers, prefetch_factor=d.prefetch_factor,
-                      pin_memory=pin)
+                      pin_memory=pin, rank=self.dist.rank, world_size=self.dist.world_size)  # sharded under torchrun
         return (make_loader(train_ds, shuffle=True, seed=seed, **common),
                 make_loader(val_ds, shuffle=False, seed=seed, **common))
 
@@ -181,15 +137,19 @@ class FoldTrainer:
         train_ds = FeatureDataset(self.train_df, table, plan.variants, swap_prob=cfg.aug.stereo_swap_prob)
         val_ds = FeatureDataset(self.val_df, table, ["id"])
         seed = self.seed
-        # Features are small arrays in RAM: worker processes would only add start-up time.
+        # Features are small arrays in RAM: worker processes would only add start-up time. Under torchrun every rank
+        # runs the same cached epochs (replicated: see `wrap_for_training`).
         common = dict(batch_size=cfg.data.batch_size, num_workers=0, prefetch_factor=1)
         return (make_loader(train_ds, shuffle=True, seed=seed, **common),
                 make_loader(val_ds, shuffle=False, seed=seed, **common))
 
     def validate(self, loader=None) -> dict:
         """Validation metrics in grams, raw and after the post-processing the options select."""
-        out = predict(self.model, loader or self.val_loader, self.runtime, self.transform, grid=self.tiles.grid,
+        loader = loader or self.val_loader
+        out = predict(self.model, loader, self.runtime, self.transform, grid=self.tiles.grid,
                       desc=f"fold {self.fold} val")
+        if self.dist.enabled and isinstance(loader.dataset, BiomassDataset):  # each rank predicted its share
+            out = gather_predictions(self.dist.all_gather(out))
         raw = compute_metrics(out["true"], out["pred"])
         p = self.cfg.post
         context = (out["probs"], self.context_ratios) if p.apply_context_adjustment else None
@@ -216,7 +176,7 @@ class FoldTrainer:
         cfg = self.cfg
         scaler = self.runtime.grad_scaler()
         baseline = self.baseline_score()
-        state = load_state(self.last_path)
+        state = self.dist.broadcast(load_state(self.last_path) if self.dist.is_main else None)  # rank 0's file
         p = self.progress = state["progress"] if state else Progress()
         if state:
             self.rows = state["rows"]
@@ -233,6 +193,7 @@ class FoldTrainer:
                     continue
                 self.model.set_backbone_trainable(stage.backbone_trainable)
                 train_loader, val_loader = self.loaders_for(stage)
+                self._train_model = self.wrap_for_training(train_loader)
                 optimizer = build_optimizer(self.model, stage, cfg.train.weight_decay)
                 steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
                 warmup = min(cfg.train.warmup_epochs, stage.epochs) * steps_per_epoch
@@ -244,9 +205,11 @@ class FoldTrainer:
                     p.stage_index, p.epoch_in_stage, p.stale = index, 0, 0
                 while p.epoch_in_stage < stage.epochs and p.stale < cfg.train.patience:
                     self._train_epoch(p, stage, train_loader, val_loader, optimizer, scheduler, scaler)
-                    self._snapshot = snapshot(p, self.model, optimizer, scheduler, scaler, self._loaders(), self.rows)
-                    if time.monotonic() - self._last_state_write >= cfg.train.save_every:
-                        self._write_state()
+                    if self.dist.is_main:  # only rank 0 writes the run folder
+                        self._snapshot = snapshot(p, self.model, optimizer, scheduler, scaler, self._loaders(),
+                                                  self.rows)
+                        if time.monotonic() - self._last_state_write >= cfg.train.save_every:
+                            self._write_state()
                 if p.stale >= cfg.train.patience:
                     logger.info("fold %d: no improvement for %d epochs: stopping %s", self.fold, p.stale, stage.name)
             finished = True
@@ -263,12 +226,13 @@ class FoldTrainer:
         """One epoch of a stage, its validation, early-stopping bookkeeping and log row."""
         cfg = self.cfg
         set_epoch(train_loader, p.epoch)
-        lrs = {"lr_head": _group_lr(optimizer, "head"), "lr_backbone": _group_lr(optimizer, "backbone")}
-        tr = train_one_epoch(self.model, train_loader, self.loss_fn, optimizer, scheduler, self.runtime, scaler,
+        lrs = {"lr_head": group_lr(optimizer, "head"), "lr_backbone": group_lr(optimizer, "backbone")}
+        shared = self._train_model is not self.model  # DDP: the epoch's losses are summed over the ranks
+        tr = train_one_epoch(self._train_model, train_loader, self.loss_fn, optimizer, scheduler, self.runtime, scaler,
                              grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip, epoch=p.epoch,
-                             desc=f"fold {self.fold} {stage.name} ep {p.epoch}")
+                             desc=f"fold {self.fold} {stage.name} ep {p.epoch}", dist=self.dist if shared else None)
         val = self.validate(val_loader)
-        score = val["post"]["weighted_r2"]
+        score = self.dist.broadcast(val["post"]["weighted_r2"])  # rank 0 decides, so every rank stops alike
         improved = score > p.best
         if improved:
             p.best, p.best_epoch, p.stale = score, p.epoch, 0
@@ -278,6 +242,16 @@ class FoldTrainer:
         self._log_epoch(p.epoch, stage, lrs, tr, val, improved)
         p.epoch += 1
         p.epoch_in_stage += 1
+
+    def wrap_for_training(self, loader):
+        """The module a stage trains. Under torchrun on pixels: DistributedDataParallel over the model (each rank
+        takes its share of every batch; gradients are averaged). On cached features the model itself, on every rank:
+        a cached step of the heads is far cheaper than exchanging their gradients, so each rank runs the same epoch
+        (same seed, same batches) instead of a share of it (benchmarks/bench_ddp.py measures both)."""
+        if not self.dist.enabled or not isinstance(loader.dataset, BiomassDataset):
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)  # no BatchNorm
 
     def _loaders(self) -> dict:
         """Every DataLoader of the fold by name (their generators decide shuffling and worker seeds)."""
@@ -305,7 +279,9 @@ class FoldTrainer:
     def _save(self, epoch: int, score: float, val: dict) -> None:
         """Keep the new best weights; write them at once when the last write is SAVE_INTERVAL_S old, else when the
         fold ends (`_flush_best`). A cached epoch takes a fraction of a second and torch.save of a whole ViT far
-        longer, so writing every improvement would dominate head-only training."""
+        longer, so writing every improvement would dominate head-only training. Rank 0 alone keeps and writes them."""
+        if not self.dist.is_main:
+            return
         self._best = dict(model_state={k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
                           epoch=epoch, best_score=score, metrics={"raw": val["raw"], "post": val["post"]})
         if time.monotonic() - self._last_write >= SAVE_INTERVAL_S:
@@ -329,7 +305,8 @@ class FoldTrainer:
         row.update(val["acc"])
         row.update(seconds=tr["seconds"], samples_per_s=tr["samples_per_s"], best=improved)
         self.rows.append(row)
-        write_csv(self.out_dir / f"log_fold{self.fold}.csv", pd.DataFrame(self.rows))
+        if self.dist.is_main:
+            write_csv(self.out_dir / f"log_fold{self.fold}.csv", pd.DataFrame(self.rows))
         acc = " ".join(f"{k[8:]} {v:.2f}" for k, v in val["acc"].items())
         logger.info("fold %d ep %d [%s] loss %.4f | val R2 %.4f (raw %.4f)%s | %.1f img/s%s", self.fold, epoch,
                     stage.name, tr["total"], row["val_weighted_r2"], row["val_weighted_r2_raw"],
