@@ -7,6 +7,12 @@ the cache, and full fine-tuning; samples/s and peak memory per mode (each mode i
     python benchmarks/bench_train.py --preset reference    # reference defaults: ViT-B/14-reg4, 518 px, batch 8
     python benchmarks/bench_train.py --dtypes float32 --modes cache_build
 
+On a machine with CUDA it then measures full fine-tuning on the GPU at the reference defaults (ViT-B/14 reg4, 518 px,
+grid 2x2, batch 8, bfloat16 autocast, fused AdamW, 4 DataLoader workers with pinned memory): samples/s, peak GPU
+memory, model FLOPs utilisation (the forward+backward FLOPs of a step, counted by torch's FlopCounterMode, per second,
+over the GPU's dense bfloat16 peak) and the share of step time spent waiting for data (`--gpu-only` skips the CPU
+part, `--compile` adds torch.compile). Without CUDA it says so and the CPU numbers stand.
+
 It also prints which precision `--amp-dtype` (default float16) resolves to here, and why. Emulated bfloat16 on a
 CPU without native support is 6-12x slower: its modes time fewer photos (`--slow-photos`). To see what an AVX2-only
 CPU does on a newer one, run with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2.
@@ -129,6 +135,106 @@ def run_mode(mode: str, dtype_name: str, preset: dict, data: Path, cache_dir: Pa
     return {"samples_per_s": result["samples_per_s"], "seconds": result["seconds"], "peak_rss_gb": _peak_gb()}
 
 
+# Dense bfloat16 peak TFLOP/s (no sparsity) by GPU name, from the vendors' data sheets (SXM parts where both exist).
+GPU_BF16_PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0,
+                        "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    for key in sorted(GPU_BF16_PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return GPU_BF16_PEAK_TFLOPS[key]
+    return None
+
+
+def run_gpu(preset: dict, data: Path, steps: int, warmup: int, workers: int, compile_: bool,
+            device_name: str = "cuda") -> dict:
+    """Full fine-tuning on the first CUDA device as the trainer runs it; returns rates, MFU and data wait.
+    (`device_name` "cpu" runs the same code without the GPU's numbers, to check it where there is no GPU.)"""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from biomass5head.data.datasets import BiomassDataset, make_loader, set_epoch
+    from biomass5head.data.images import TileSpec
+    from biomass5head.data.tables import load_train
+    from biomass5head.device import Precision, Runtime
+    from biomass5head.model.backbone import create_backbone
+    from biomass5head.model.five_head import FiveHeadModel
+    from biomass5head.model.predict import forward_batch
+    from biomass5head.model.targets import TargetTransform
+    from biomass5head.train.losses import BiomassLoss
+    from biomass5head.train.stages import Stage, build_optimizer
+
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    df = load_train(data)
+    model = FiveHeadModel(create_backbone(preset["backbone"], preset["img_size"], pretrained=False)).to(device)
+    model.set_backbone_trainable(True)
+    if compile_:
+        model.compile_backbone()
+    rt = Runtime(device, Precision("bfloat16", torch.bfloat16 if cuda else None, "benchmark"), workers)
+    tiles = TileSpec(tuple(preset["grid"]), preset["img_size"], *model.mean_std)
+    loader = make_loader(BiomassDataset(df, tiles), batch_size=preset["batch_size"], shuffle=True,
+                         num_workers=workers, prefetch_factor=4, seed=0, pin_memory=cuda)
+    transform = TargetTransform.fit(df[["Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g", "GDM_g", "Dry_Total_g"]]
+                                    .to_numpy(), log_target=True)
+    loss_fn = BiomassLoss(transform)
+    optimizer = build_optimizer(model, Stage("full", 1, True, 2e-4, 1e-5), 0.01)
+    model.train()
+
+    def step(batch):
+        with rt.autocast():
+            out = forward_batch(model, batch, device)
+        loss, _ = loss_fn(out["reg"].float(), transform.encode(batch["target"].to(device)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def batches():
+        epoch = 0
+        while True:
+            set_epoch(loader, epoch)
+            yield from loader
+            epoch += 1
+
+    it = batches()
+    for _ in range(warmup):
+        step(next(it))
+    with FlopCounterMode(display=False) as counter:  # one step's forward + backward FLOPs
+        step(next(it))
+    flops = float(counter.get_total_flops())
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    wait = 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = next(it)
+        wait += time.perf_counter() - t0
+        step(batch)
+    sync()
+    seconds = time.perf_counter() - start
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = gpu_peak_tflops(name) if cuda else None
+    achieved = flops * steps / seconds / 1e12
+    return {"gpu": name, "samples_per_s": steps * preset["batch_size"] / seconds,
+            "step_ms": 1000 * seconds / steps, "tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
+            "peak_tflops": peak, "mfu": achieved / peak if peak else None, "data_wait_frac": wait / seconds,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else _peak_gb(), "compile": compile_,
+            "workers": workers}
+
+
+def gpu_line(r: dict) -> str:
+    mfu = (f"MFU {100 * r['mfu']:.1f} % of {r['peak_tflops']:.0f} TFLOP/s bf16 dense" if r["mfu"] is not None
+           else "MFU unknown (this GPU's peak is not in GPU_BF16_PEAK_TFLOPS)")
+    return (f"{r['gpu']}{' (torch.compile)' if r['compile'] else ''}: {r['samples_per_s']:.1f} samples/s, "
+            f"{r['step_ms']:.0f} ms/step, {r['tflop_per_step']:.2f} TFLOP per step -> {r['achieved_tflops']:.1f} "
+            f"TFLOP/s; {mfu}; data wait {100 * r['data_wait_frac']:.1f} % of step time ({r['workers']} workers); "
+            f"peak memory {r['peak_mem_gb']:.1f} GB")
+
+
 def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
@@ -158,7 +264,13 @@ def main() -> None:
     p.add_argument("--dtype", choices=DTYPES, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
+    p.add_argument("--gpu-only", action="store_true", help="only the GPU measurement (reference preset by default)")
+    p.add_argument("--gpu-steps", type=int, default=30, help="GPU steps timed (after 5 warm-up steps)")
+    p.add_argument("--gpu-photos", type=int, default=64, help="photos generated for the GPU measurement")
+    p.add_argument("--compile", action="store_true", help="also measure with torch.compile")
     args = p.parse_args()
+    if args.gpu_only:
+        return gpu_main(args)
     preset = dict(PRESETS[args.preset])
     if args.img_size:
         preset["img_size"] = args.img_size
@@ -207,6 +319,32 @@ def main() -> None:
         both = [results.get((d, "cache_build")) for d in DTYPES]
         if all(both):
             print(f"cache build, bfloat16 / float32 speed: {both[1]['tiles_per_s'] / both[0]['tiles_per_s']:.2f}x")
+    gpu_main(args)
+
+
+def gpu_main(args) -> None:
+    """The GPU part: reference defaults (or the --preset given with --gpu-only) on the first CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("GPU: no CUDA device here: samples/s, MFU and data wait on a GPU were not measured; the CPU numbers "
+              "above stand")
+        return
+    preset = dict(PRESETS["reference" if not args.gpu_only or args.preset == "small" else args.preset])
+    if args.img_size:
+        preset["img_size"] = args.img_size
+    if args.batch_size:
+        preset["batch_size"] = args.batch_size
+    print(f"GPU: full fine-tuning, {preset['backbone']} at {preset['img_size']} px, grid {preset['grid'][0]}x"
+          f"{preset['grid'][1]}, batch {preset['batch_size']}, bfloat16 autocast, fused AdamW", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        from biomass5head.synthetic.generate import generate
+
+        data = Path(tmp) / "data"
+        generate(data, n_train=args.gpu_photos, n_test=0, seed=0)
+        for compile_ in (False, True) if args.compile else (False,):
+            r = run_gpu(preset, data, args.gpu_steps, 5, 4, compile_)
+            print(gpu_line(r), flush=True)
 
 
 if __name__ == "__main__":

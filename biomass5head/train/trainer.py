@@ -246,8 +246,9 @@ class FoldTrainer:
     def wrap_for_training(self, loader):
         """The module a stage trains. Under torchrun on pixels: DistributedDataParallel over the model (each rank
         takes its share of every batch; gradients are averaged). On cached features the model itself, on every rank:
-        a cached step of the heads is far cheaper than exchanging their gradients, so each rank runs the same epoch
-        (same seed, same batches) instead of a share of it (benchmarks/bench_ddp.py measures both)."""
+        a cached step of the heads costs about what exchanging their gradients does, so each rank runs the same epoch
+        (same seed, same batches) instead of a share of it: 251 vs 405 ms per epoch on 2 gloo ranks
+        (benchmarks/bench_ddp.py measures both)."""
         if not self.dist.enabled or not isinstance(loader.dataset, BiomassDataset):
             return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
