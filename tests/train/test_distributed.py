@@ -67,26 +67,38 @@ def _weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(ddp_data, tmp_path, capsys):
-    one, two = tmp_path / "one", tmp_path / "two"
-    args = [*COMMON, *DETERMINISTIC, *_data_args(ddp_data)]
-    assert biomass5head.cli.train.main([*args, "--batch-size", "4", "--output-dir", str(one)]) == 0
+@pytest.fixture(scope="module")
+def one_rank(ddp_data, tmp_path_factory) -> Path:
+    """The single-process run, batch 4."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    assert biomass5head.cli.train.main([*COMMON, *DETERMINISTIC, *_data_args(ddp_data), "--batch-size", "4",
+                                        "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("per_rank", [["--batch-size", "2"], ["--batch-size", "1", "--grad-accum", "2"]],
+                         ids=["batch2", "batch1_accum2"])
+def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(ddp_data, one_rank, per_rank, tmp_path):
+    """2 ranks x batch 2 (or x batch 1 x 2 accumulation steps, exchanging gradients only on the update) train
+    like 1 process x batch 4: the same losses, the same final weights, the same files."""
+    one, two = one_rank, tmp_path / "two"
     start = time.perf_counter()
-    proc = torchrun("--standalone", "--nproc-per-node", "2", args=[*args, "--batch-size", "2", "--output-dir",
-                                                                  str(two)])
+    proc = torchrun("--standalone", "--nproc-per-node", "2", args=[*COMMON, *DETERMINISTIC, *_data_args(ddp_data),
+                                                                  *per_rank, "--output-dir", str(two)])
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "DDP over 2 ranks: global batch 4 (--batch-size 2 per rank)" in proc.stdout
+    assert f"DDP over 2 ranks: global batch {2 * int(per_rank[1])} (--batch-size {per_rank[1]} per rank)" in proc.stdout
     # Exactly the files of a single-process run (rank 0 alone wrote them).
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
     log1, log2 = pd.read_csv(one / "log_fold0.csv"), pd.read_csv(two / "log_fold0.csv")
+    assert (log1["train_optimizer_steps"] == 6).all() and (log2["train_optimizer_steps"] == 6).all()  # 24 / 4
     loss_diff = np.abs(log1["train_total"] - log2["train_total"]) / log1["train_total"].abs()
     w1, w2 = _weights(one / "5head_last_fold0.pth"), _weights(two / "5head_last_fold0.pth")
     assert w1.keys() == w2.keys()
     weight_diff = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
-    print(f"DDP 2x2 vs 1x4: train loss rel diff per epoch {loss_diff.round(8).tolist()}, max weight diff "
-          f"{weight_diff:.2e}; torchrun 2 processes {seconds:.1f}s")
+    print(f"DDP 2 ranks {' '.join(per_rank)} vs 1 process --batch-size 4: train loss rel diff per epoch "
+          f"{loss_diff.round(8).tolist()}, max weight diff {weight_diff:.2e}; torchrun command {seconds:.1f}s")
     assert loss_diff.max() < 1e-4
     assert weight_diff < 1e-4
 
