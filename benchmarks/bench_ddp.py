@@ -92,7 +92,7 @@ def cached_worker(args) -> None:
     for mode in ("replicated", "sharded"):
         heads = Heads(model)
         if mode == "sharded" and info.enabled:
-            heads = DistributedDataParallel(heads, broadcast_buffers=False)
+            heads = DistributedDataParallel(heads)
         opt = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=1e-3)
         per_rank = batch // info.world_size if mode == "sharded" else batch
         start = time.perf_counter()

@@ -309,6 +309,10 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from biomass5head.train.kfold import run  # here, so that --help answers without loading torch
 
     command = prog("python -m src.train_5head")
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if world > 1:  # the hint a stop prints: resume the way it was started
+        launcher = "--standalone" if str(world) == local else "<the same --nnodes/--rdzv-* options>"
+        command = f"torchrun {launcher} --nproc-per-node {local} -m src.train_5head"
     if args.resume:
         return run(resume_config(args, parser), resume=True, command=command)
     return run(config_from_args(args), command=command)

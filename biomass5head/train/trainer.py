@@ -252,7 +252,7 @@ class FoldTrainer:
         if not self.dist.enabled or not isinstance(loader.dataset, BiomassDataset):
             return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)  # no BatchNorm
+        return DistributedDataParallel(self.model, device_ids=ids)
 
     def _loaders(self) -> dict:
         """Every DataLoader of the fold by name (their generators decide shuffling and worker seeds)."""

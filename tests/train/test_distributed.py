@@ -154,3 +154,33 @@ def test_a_failing_rank_ends_the_job_with_its_error(ddp_data, tmp_path):
     assert proc.returncode != 0
     assert victim.name in proc.stdout + proc.stderr
     assert seconds < 150
+
+
+def test_sigterm_under_torchrun_then_resume_under_torchrun(ddp_data, tmp_path):
+    """What a scheduler's SIGTERM does to a torchrun job: every rank stops at once, rank 0 leaves the resume state
+    and prints how to go on; the same torchrun with --resume completes the run."""
+    import signal
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+            "src.train_5head", *COMMON[:-2], "--train-folds", "0", "1", *_data_args(ddp_data), "--batch-size", "2",
+            "--epochs", "30", "--patience", "30", "--save-every", "0", "--output-dir", str(run)]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = run / "log_fold0.csv"
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM at fold 0 epoch" in out
+    assert f"resume with: torchrun --standalone --nproc-per-node 2 -m src.train_5head --resume {run}" in out
+    assert (run / "5head_last_fold0.pth").is_file() and not list(run.glob(".*"))
+    done = torchrun("--standalone", "--nproc-per-node", "2", args=["--resume", str(run)])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] and sorted(summary["folds"]) == ["0", "1"]
+    epochs = pd.read_csv(run / "log_fold0.csv")["epoch"].tolist()
+    assert epochs == list(range(len(epochs)))  # each epoch once, in order
