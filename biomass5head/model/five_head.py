@@ -45,10 +45,13 @@ class AttentionPool(nn.Module):
         hidden = hidden or max(dim // 4, 1)
         self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, 1): each tile's share of the pooled feature (summing to 1 over T)."""
+        return self.score(x).softmax(dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) -> (B, D)."""
-        weights = self.score(x).softmax(dim=1)  # (B, T, 1)
-        return (weights * x).sum(dim=1)
+        return (self.weights(x) * x).sum(dim=1)
 
 
 class RegressionHead(nn.Module):
@@ -157,6 +160,16 @@ class FiveHeadModel(nn.Module):
         tiles = torch.cat([left, right], dim=0).flatten(0, 1)  # (2*B*T, 3, S, S)
         feats = self.encode(tiles).view(2, b, t, -1)  # (2, B, T, D)
         return self.forward_features(feats[0], feats[1])
+
+    def tile_weights(self, left_feats: torch.Tensor, right_feats: torch.Tensor) -> torch.Tensor:
+        """(B, 2, T): how much each tile of each view counts in that view's pooled feature (the attention pool's
+        weights after FiLM; uniform with --no-attention-pool)."""
+        lf, rf = left_feats, right_feats
+        if self.film is not None:
+            lf, rf = self.film(lf, right_feats), self.film(rf, left_feats)
+        if self.pool is None:
+            return torch.full((lf.shape[0], 2, lf.shape[1]), 1.0 / lf.shape[1], device=lf.device)
+        return torch.stack([self.pool.weights(lf)[..., 0], self.pool.weights(rf)[..., 0]], dim=1)
 
     def forward_features(self, left_feats: torch.Tensor, right_feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything after the backbone: left_feats, right_feats (B, T, D) -> the output dict of forward."""

@@ -17,11 +17,11 @@ from biomass5head.cli import main as dispatcher
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "biomass5head"
 SHIMS = {"train_5head": "train", "eval_5head_oof": "eval", "predict": "predict", "report": "report",
-         "make_synthetic": "synthetic", "weights": "weights", "data": "check"}
+         "make_synthetic": "synthetic", "weights": "weights", "data": "check", "serve": "serve", "export": "export"}
 # Floors from the bottom: a module imports from its own folder or from lower floors only. train and infer share a
 # floor and never import each other.
-FLOORS = {"core": 0, "synthetic": 1, "weights": 1, "data": 1, "model": 2, "train": 3, "infer": 3, "cli": 4,
-          "__main__": 5}
+FLOORS = {"core": 0, "synthetic": 1, "weights": 1, "data": 1, "model": 2, "train": 3, "infer": 3, "serve": 4,
+          "cli": 5, "__main__": 6}
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
