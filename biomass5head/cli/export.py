@@ -9,11 +9,11 @@ The README shows how to run it on a photo with ONNX Runtime alone.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from biomass5head.cli.common import prog, run_command
+from biomass5head.fileio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def export(args: argparse.Namespace) -> int:
             "grid": list(tiles.grid), "img_size": tiles.img_size, "mean": list(tiles.mean), "std": list(tiles.std),
             "folds": [fm.fold for fm in folds], "backbone": m.backbone, "shared_backbone": shared,
             "run": str(run.path)}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out.with_suffix(".json"), meta)
     logger.info("wrote %s (%.1f MB; folds %s, %s backbone, %d tiles of %d px per view) and %s", out,
                 out.stat().st_size / 1e6, meta["folds"], "one shared" if shared else "a fold's own",
                 tiles.grid[0] * tiles.grid[1], tiles.img_size, out.with_suffix(".json").name)
