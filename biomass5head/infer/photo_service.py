@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
+from PIL import Image
 
 from biomass5head.constants import TARGETS
 from biomass5head.data.augment import hflip_views, vflip_views
@@ -105,12 +106,15 @@ class PhotoPredictor:
                 raise PhotoError(f"{name}: not an image (JPEG or PNG expected)", 415) from None
             raise PhotoError(f"{name}: truncated or corrupt image ({reason})", 422) from None
         h, w = photo.shape[:2]
-        note = None
+        notes = []
+        with Image.open(io.BytesIO(data)) as im:  # the header only: was it in colour?
+            if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                notes.append(f"a grayscale photo ({im.mode}): converted to RGB, the model was trained on colour")
         if abs(w / h / 2 - 1) > ASPECT_TOLERANCE:
-            note = (f"not a 2:1 stereo pair ({w}x{h} px, {w / h:.2f}:1): split at its middle column into a left and a "
-                    f"right view of {w // 2}x{h} px, each resized to {need_w}x{need_h} px "
-                    f"({self.tiles.grid[0]}x{self.tiles.grid[1]} tiles)")
-        return photo, note
+            notes.append(f"not a 2:1 stereo pair ({w}x{h} px, {w / h:.2f}:1): split at its middle column into a left "
+                         f"and a right view of {w // 2}x{h} px, each resized to {need_w}x{need_h} px "
+                         f"({self.tiles.grid[0]}x{self.tiles.grid[1]} tiles)")
+        return photo, "; ".join(notes) or None
 
     @torch.inference_mode()
     def predict(self, photo: np.ndarray) -> dict:

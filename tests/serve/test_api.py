@@ -132,6 +132,7 @@ def test_any_size_orientation_and_mode(client, tiny_data):
     square.convert("L").save(buf, "PNG")
     res = _post(client, ("square.png", buf.getvalue(), "image/png")).json()["results"][0]
     assert "grams" in res and "not a 2:1 stereo pair (300x300 px" in res["note"] and "middle column" in res["note"]
+    assert "grayscale photo (L): converted to RGB" in res["note"]
 
 
 def test_a_photo_unlike_the_training_photos_is_further_away(client, tiny_data):
