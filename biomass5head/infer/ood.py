@@ -38,6 +38,7 @@ class OodReference:
     train: np.ndarray  # (N, D) standardised pooled features of the training photos
     threshold: float
     source: str  # where the reference came from, for /api/model and the log
+    key: str = ""  # what the features depend on (backbone weights, tiles, compute dtype): another key, another file
 
     @classmethod
     def build(cls, features: np.ndarray, source: str, k: int = NEIGHBOURS) -> OodReference:
@@ -66,22 +67,27 @@ class OodReference:
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, mean=self.mean, std=self.std, train=self.train, threshold=self.threshold)
+                np.savez(f, mean=self.mean, std=self.std, train=self.train, threshold=self.threshold,
+                         source=self.source, key=self.key)
 
     @classmethod
     def load(cls, path: Path) -> OodReference:
         with np.load(path) as z:
-            return cls(z["mean"], z["std"], z["train"], float(z["threshold"]), f"{path.name} in the run folder")
+            return cls(z["mean"], z["std"], z["train"], float(z["threshold"]), f"{z['source']} ({path.name})",
+                       str(z["key"]))
 
 
-def reference_for_run(run_dir: Path, compute_features) -> tuple[OodReference | None, str]:
-    """The run's reference: loaded from `ood_reference.npz`, else built with `compute_features()` -> ((N, 2, T, D)
-    features, how they were obtained) and saved there. Returns (reference or None, what happened, for the log)."""
+def reference_for_run(run_dir: Path, compute_features, key: str = "") -> tuple[OodReference | None, str]:
+    """The run's reference: loaded from `ood_reference.npz` when it was made with the same `key`, else built with
+    `compute_features()` -> ((N, 2, T, D) features, how they were obtained) and saved there. Returns (reference or
+    None, what happened, for the log)."""
     path = Path(run_dir) / REFERENCE_FILE
     if path.is_file():
         try:
             ref = OodReference.load(path)
-            return ref, f"loaded from {path}"
+            if ref.key == key:
+                return ref, f"loaded from {path}"
+            logger.info("%s was made for other features (%s, not %s): computing it again", path, ref.key, key)
         except (OSError, ValueError, KeyError) as exc:
             logger.warning("unreadable %s (%s): computing it again", path, exc)
     try:
@@ -89,6 +95,7 @@ def reference_for_run(run_dir: Path, compute_features) -> tuple[OodReference | N
     except (OSError, ValueError) as exc:
         return None, f"off: no reference features ({exc})"
     ref = OodReference.build(pooled(feats), how)
+    ref.key = key
     try:
         ref.save(path)
         where = f"saved to {path}"

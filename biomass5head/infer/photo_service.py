@@ -58,7 +58,9 @@ class PhotoPredictor:
         digests = {state_dict_digest(fm.model.backbone) for fm in self.folds}
         self.shared_backbone = len(digests) == 1
         self._lock = threading.Lock()
-        self.ood, self.ood_status = (reference_for_run(self.run.path, self._training_features) if ood
+        key = (f"{self.opts.cfg.model.backbone}:{sorted(digests)[0]}:{self.tiles.img_size}:{list(self.tiles.grid)}:"
+               f"{self.rt.dtype_name}")
+        self.ood, self.ood_status = (reference_for_run(self.run.path, self._training_features, key) if ood
                                      else (None, "off (--no-ood)"))
         logger.info("loaded %s: folds %s, %s backbone%s; out-of-distribution check: %s", self.run.path,
                     [fm.fold for fm in self.folds], "one shared" if self.shared_backbone else "a fold's own",
