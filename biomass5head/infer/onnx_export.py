@@ -9,6 +9,9 @@ with ONNX Runtime against PyTorch on random tiles when it is written.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,6 @@ import torch
 from torch import nn
 
 from biomass5head.constants import TARGETS
-from biomass5head.fileio import atomic_path
 from biomass5head.infer.fold_model import FoldModel
 from biomass5head.infer.run_folder import RunError
 
@@ -80,17 +82,29 @@ def export_onnx(graph: EnsembleGraph, tiles: int, size: int, out: Path, batch: i
     with torch.inference_mode():
         expected = graph(left, right).numpy()
     batch_dim = torch.export.Dim("batch", min=1, max=4096)
-    with atomic_path(out) as tmp:
+    # Written in a new folder beside `out`, checked there, then moved into place: a failed export leaves no file.
+    # Weights over ~1.5 GB go to `out.name + ".data"` beside the graph (protobuf holds at most 2 GB).
+    large = sum(p.numel() * p.element_size() for p in graph.parameters()) > 1.5e9
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp = work / out.name
         torch.onnx.export(graph, (left, right), str(tmp), input_names=["left", "right"], output_names=["grams"],
-                          opset_version=OPSET, dynamo=True, external_data=False,
+                          opset_version=OPSET, dynamo=True, external_data=large,
                           dynamic_shapes={"left": {0: batch_dim}, "right": {0: batch_dim}})
         onnx.checker.check_model(str(tmp))
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = session.run(["grams"], {"left": left.numpy(), "right": right.numpy()})[0]
         one = session.run(["grams"], {"left": left[:1].numpy(), "right": right[:1].numpy()})[0]  # another batch size
+        del session
         rel = float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-3)))
         if one.shape != (1, len(TARGETS)) or not np.allclose(one[0], got[0], rtol=MAX_REL_DIFF, atol=1e-4):
             raise RunError(f"the ONNX graph does not keep a dynamic batch axis (batch 1 gave shape {one.shape})")
         if not rel < MAX_REL_DIFF:
             raise RunError(f"ONNX Runtime and PyTorch disagree: max relative difference {rel:.2e} >= {MAX_REL_DIFF}")
+        for f in work.iterdir():  # the graph last, so a reader never finds it without its weights
+            if f.name != out.name:
+                os.replace(f, out.parent / f.name)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return rel

@@ -48,9 +48,13 @@ class OodReference:
             raise ValueError(f"the out-of-distribution check needs more than {k} training photos, got {len(x)}")
         mean, std = x.mean(0), x.std(0) + 1e-6
         z = (x - mean) / std
-        d = np.sqrt(np.maximum(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1), 0.0))
-        np.fill_diagonal(d, np.inf)  # each photo left out of its own neighbours
-        own = np.sort(d, axis=1)[:, k - 1]
+        own = np.empty(len(z))
+        sq = (z**2).sum(1)
+        for start in range(0, len(z), 1024):  # N x 1024 distances at a time, whatever N and the feature size
+            rows = slice(start, start + 1024)
+            d = np.sqrt(np.maximum(sq[rows, None] + sq[None, :] - 2 * z[rows] @ z.T, 0.0))
+            d[np.arange(d.shape[0]), np.arange(start, start + d.shape[0])] = np.inf  # each photo left out
+            own[rows] = np.partition(d, k - 1, axis=1)[:, k - 1]
         return cls(mean, std, z, float(np.percentile(own, PERCENTILE)), source)
 
     def distance(self, feature: np.ndarray) -> float:
@@ -62,7 +66,7 @@ class OodReference:
     def check(self, feature: np.ndarray) -> dict:
         dist = self.distance(feature)
         return {"flag": bool(dist > self.threshold), "distance": dist, "threshold": self.threshold,
-                "ratio": dist / self.threshold if self.threshold > 0 else float("inf")}
+                "ratio": dist / self.threshold if self.threshold > 0 else None}
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -94,7 +98,10 @@ def reference_for_run(run_dir: Path, compute_features, key: str = "") -> tuple[O
         feats, how = compute_features()
     except (OSError, ValueError) as exc:
         return None, f"off: no reference features ({exc})"
-    ref = OodReference.build(pooled(feats), how)
+    try:
+        ref = OodReference.build(pooled(feats), how)
+    except ValueError as exc:  # too few training photos
+        return None, f"off: {exc}"
     ref.key = key
     try:
         ref.save(path)

@@ -58,8 +58,8 @@ class PhotoPredictor:
         digests = {state_dict_digest(fm.model.backbone) for fm in self.folds}
         self.shared_backbone = len(digests) == 1
         self._lock = threading.Lock()
-        key = (f"{self.opts.cfg.model.backbone}:{sorted(digests)[0]}:{self.tiles.img_size}:{list(self.tiles.grid)}:"
-               f"{self.rt.dtype_name}")
+        key = (f"{self.opts.cfg.model.backbone}:{state_dict_digest(self.folds[0].model.backbone)}:"
+               f"{self.tiles.img_size}:{list(self.tiles.grid)}:{self.rt.dtype_name}")
         self.ood, self.ood_status = (reference_for_run(self.run.path, self._training_features, key) if ood
                                      else (None, "off (--no-ood)"))
         logger.info("loaded %s: folds %s, %s backbone%s; out-of-distribution check: %s", self.run.path,
@@ -130,23 +130,28 @@ class PhotoPredictor:
         x = torch.stack([self.tiles.to_tensor(v) for pair in variants for v in pair]).to(self.rt.device)  # (2V,T,..)
         with self._lock, self.rt.autocast():
             shared = self._encode(self.folds[0].model, x) if self.shared_backbone else None
-            per_fold, weights = [], []
+            per_fold, means, weights = [], [], []
             for fm in self.folds:
                 feats = shared if shared is not None else self._encode(fm.model, x)  # (V, 2, T, D)
                 out = fm.model.forward_features(feats[:, 0], feats[:, 1])
                 grams = fm.transform.decode(out["reg"].float()).cpu().numpy().astype(np.float64)  # (V, 5)
-                if self.opts.cfg.post.apply_context_adjustment:
+                mean = grams.mean(0, keepdims=True)  # over the flips, in grams, as predict does
+                if self.opts.cfg.post.apply_context_adjustment:  # then the factors, as predict_grams applies them
                     probs = {h: out[h].float().softmax(1).cpu().numpy() for h in ("state", "month", "species")}
+                    ratios = fm.context_ratios
+                    mean = apply_postprocess(mean, correction_threshold=None, always_correct_dead=False,
+                                             context=({h: p.mean(0, keepdims=True) for h, p in probs.items()}, ratios))
                     grams = apply_postprocess(grams, correction_threshold=None, always_correct_dead=False,
-                                              context=(probs, fm.context_ratios))
+                                              context=(probs, ratios))
                 per_fold.append(grams)
+                means.append(mean[0])
                 weights.append(fm.model.tile_weights(feats[:1, 0], feats[:1, 1])[0].float().cpu().numpy())
             pooled_feature = (shared if shared is not None else self._encode(self.folds[0].model, x))[0].float()
         per_fold = np.stack(per_fold)  # (F, V, 5)
         post = self.opts.cfg.post
         finish = lambda g: apply_postprocess(g, correction_threshold=post.correction_threshold,  # noqa: E731
                                              always_correct_dead=post.always_correct_dead)
-        grams = finish(per_fold.mean(axis=1).mean(axis=0, keepdims=True))[0]  # as predict_ensemble does
+        grams = finish(np.mean(means, axis=0, keepdims=True))[0]  # the fold average, as predict_ensemble does
         each = finish(per_fold.reshape(-1, 5))  # every fold x flip, post-processed alike
         return {"grams": grams, "each": each, "folds": [fm.fold for fm in self.folds],
                 "tile_weights": np.mean(weights, axis=0),

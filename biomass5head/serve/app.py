@@ -28,6 +28,17 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 
 
+def _finite(value):
+    """JSON has no NaN or infinity: such a number (a broken model, a zero threshold) becomes null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _result(name: str, out: dict, note: str | None, size: tuple[int, int], area: float, grid) -> dict:
     names = list(TARGETS)
     rows, cols = grid
@@ -80,7 +91,7 @@ def create_app(predictor: PhotoPredictor, max_upload_mb: float = 20.0) -> FastAP
                     raise PhotoError(f"{name}: over the {max_upload_mb:g} MB upload limit (--max-upload-mb)", 413)
                 photo, note = await run_in_threadpool(predictor.decode, name, data)
                 out = await run_in_threadpool(predictor.predict, photo)
-                results.append(_result(name, out, note, (photo.shape[1], photo.shape[0]), area_m2, grid))
+                results.append(_finite(_result(name, out, note, (photo.shape[1], photo.shape[0]), area_m2, grid)))
             except PhotoError as exc:
                 logger.warning("%s", exc)
                 results.append({"name": name, "error": str(exc), "status": exc.status})

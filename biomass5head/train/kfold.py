@@ -34,7 +34,15 @@ from biomass5head.model.checkpoint import checkpoint_name, find_checkpoints
 from biomass5head.model.five_head import build_model, describe
 from biomass5head.plots import plot_learning_curves
 from biomass5head.train.resume import last_state_name
-from biomass5head.train.shared_run import config_differences, finished_folds, lock_folds, record_fold, run_lock
+from biomass5head.train.shared_run import (
+    config_differences,
+    finished_folds,
+    folds_in_training,
+    lock_folds,
+    read_summary,
+    record_fold,
+    run_lock,
+)
 from biomass5head.train.trainer import FoldTrainer
 
 logger = logging.getLogger(__name__)
@@ -105,7 +113,7 @@ def _run(cfg: RunConfig, dist: Dist, resume: bool, command: str) -> dict:
     mean_std = check_backbone(cfg)  # before the run folder exists: a bad backbone or --img-size leaves nothing
     with contextlib.ExitStack() as locks:  # this process's fold locks, held until it ends
         opened = on_rank0(dist, lambda: open_run_folder(cfg, df, rt, resume, locks))
-        out_dir, folds, record, done = Path(opened[0]), *opened[1:]
+        out_dir, folds, record, done, joined = Path(opened[0]), *opened[1:]
         if dist.enabled:
             logger.info("DDP over %d ranks: global batch %d (--batch-size %d per rank) on pixels; epochs on cached "
                         "features run on every rank alike", dist.world_size, cfg.data.batch_size * dist.world_size,
@@ -114,7 +122,9 @@ def _run(cfg: RunConfig, dist: Dist, resume: bool, command: str) -> dict:
         cache = build_image_cache(df["abs_path"], tiles) if cfg.data.cache_images else None
 
         results = [done[k] for k in cfg.data.train_folds if k in done]
-        hint = f"resume with: {command} --resume {out_dir}"
+        hint = (f"resume with: {command} --resume {out_dir}" if not joined else
+                f"resume by running the same command again: it rejoins {out_dir} and continues folds "
+                f"{list(cfg.data.train_folds)} from their saved state")
         written = None
         try:
             for fold in (k for k in cfg.data.train_folds if k not in done):
@@ -130,11 +140,14 @@ def _run(cfg: RunConfig, dist: Dist, resume: bool, command: str) -> dict:
             raise Stopped(stop.signum, f"{stop}; {hint}") from None
     if not dist.is_main:
         return summarize(results, list(cfg.data.train_folds), cfg)
-    summary = written or record_fold(out_dir, None, cfg.data.train_folds, partial(summarize, cfg=cfg))
     mine = summarize(results, list(cfg.data.train_folds), cfg)
-    logs = {int(k): pd.read_csv(out_dir / f"log_fold{k}.csv") for k in summary["folds"]
-            if (out_dir / f"log_fold{k}.csv").is_file()}
-    plot_learning_curves(logs, out_dir / "learning_curves.png")
+    if written is None:  # nothing trained here (e.g. --resume of a finished run): summary.json, brought up to date
+        written = record_fold(out_dir, None, cfg.data.train_folds, partial(summarize, cfg=cfg))
+    with run_lock(out_dir):  # the folds every process has finished so far, drawn by one process at a time
+        summary = read_summary(out_dir) or written
+        logs = {int(k): pd.read_csv(out_dir / f"log_fold{k}.csv") for k in summary["folds"]
+                if (out_dir / f"log_fold{k}.csv").is_file()}
+        plot_learning_curves(logs, out_dir / "learning_curves.png")
     where = ("on the scored folds themselves: optimistic; train with --select-on inner for an honest OOF score"
              if cfg.train.select_on == "fold" else "on the inner selection splits (not an OOF score)")
     logger.info("mean best weighted R2 over folds %s, %s: %.4f (baseline %.4f); outputs in %s",
@@ -171,12 +184,22 @@ def open_run_folder(cfg: RunConfig, df: pd.DataFrame, rt, resume: bool, locks: c
     check_photos(df["abs_path"], cfg.model.grid, cfg.model.img_size, level=cfg.data.check_photos,
                  allow_any_aspect=cfg.data.allow_any_aspect, what="training photos")
     out_dir = Path(cfg.output_dir) if resume else prepare_output_dir(cfg.output_dir)
-    created = not out_dir.exists()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:  # atomic: of two processes starting together, exactly one creates the folder (and may remove it again)
+        out_dir.mkdir()
+        created = True
+    except FileExistsError:
+        created = False
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         with run_lock(out_dir):
-            active = any(out_dir.glob(".fold*.lock"))
             joining = not resume and (out_dir / "config.json").is_file()
+            if resume and not folds_in_training(out_dir):  # what a second Ctrl-C (an immediate exit) may have left
+                for leftover in out_dir.glob(".*.tmp"):
+                    leftover.unlink(missing_ok=True)
+            if resume and record_world(out_dir) != rt.dist.world_size:
+                logger.warning("resuming with %d process(es) where the run had %d: steps per epoch, and so the "
+                               "learning-rate schedule of the unfinished fold, change", rt.dist.world_size,
+                               record_world(out_dir))
             if resume or joining:
                 record = json.loads((out_dir / "config.json").read_text())
                 folds = read_fold_csv(out_dir / "folds.csv", df, cfg.data.num_folds)
@@ -201,12 +224,14 @@ def open_run_folder(cfg: RunConfig, df: pd.DataFrame, rt, resume: bool, locks: c
     logger.info("folds:\n%s", fold_summary(df, folds))
     if resume:
         logger.info("resuming %s: folds %s finished", out_dir, sorted(done) or "none")
-        if not active:  # what a second Ctrl-C (an immediate exit) may have left, unless others write there now
-            for leftover in out_dir.glob(".*.tmp"):
-                leftover.unlink(missing_ok=True)
     else:
         logger.info("run folder: %s%s", out_dir, " (joined: fold-parallel)" if joining else "")
-    return str(out_dir), folds, record, done
+    return str(out_dir), folds, record, done, joining
+
+
+def record_world(out_dir: Path) -> int:
+    """The number of processes a run was started with (config.json's runtime.world_size; 1 for older runs)."""
+    return int(json.loads((out_dir / "config.json").read_text()).get("runtime", {}).get("world_size", 1))
 
 
 def check_join(out_dir: Path, record: dict, cfg: RunConfig, done: dict) -> None:

@@ -22,7 +22,8 @@ from biomass5head.config import ConfigError, RunConfig
 from biomass5head.fileio import write_json
 
 # What may differ between the processes that train one run (NOTES.md): which folds, and how each one executes.
-JOIN_FREE = (("data", "train_folds"), ("data", "num_workers"), ("device_type",))
+# The run folder itself is the same by definition, however its path was spelled.
+JOIN_FREE = (("data", "train_folds"), ("data", "num_workers"), ("device_type",), ("output_dir",))
 
 
 class FoldBusy(ConfigError):
@@ -99,6 +100,23 @@ def lock_folds(stack: contextlib.ExitStack, run_dir: Path, folds) -> None:
         except FoldBusy as exc:
             raise FoldBusy(f"fold {fold} of {run_dir} is being trained by another process ({exc}): give this one "
                            "other --train-folds") from None
+
+
+def folds_in_training(run_dir: Path) -> list[int]:
+    """Folds whose lock a live process holds now (a lock file left by a killed process is not held)."""
+    held = []
+    for path in Path(run_dir).glob(".fold*.lock"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.append(int(path.name[len(".fold"):-len(".lock")]))
+        finally:
+            os.close(fd)
+    return sorted(held)
 
 
 def run_lock(run_dir: Path):

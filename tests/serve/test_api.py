@@ -153,6 +153,13 @@ def test_eight_concurrent_requests_all_answer_alike(client, tiny_data):
     assert len(totals) == 1
 
 
+def test_numbers_json_cannot_hold_become_null():
+    from biomass5head.serve.app import _finite
+
+    assert _finite({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": 2}}) == {
+        "a": None, "b": [1.0, None], "c": {"d": None, "e": 2}}
+
+
 def test_ood_reference_threshold_is_the_99th_percentile_of_own_distances():
     rng = np.random.default_rng(0)
     train = rng.normal(size=(200, 16))

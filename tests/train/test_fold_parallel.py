@@ -13,7 +13,7 @@ import pytest
 
 import biomass5head.cli.eval
 import biomass5head.cli.train
-from biomass5head.train.shared_run import fold_lock_path, held_lock
+from biomass5head.train.shared_run import fold_lock_path, folds_in_training, held_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--grid", "1", "1", "--batch-size", "4",
@@ -39,8 +39,9 @@ def fold0_run(tiny_data, tmp_path) -> Path:
 def test_a_process_joins_a_run_and_eval_takes_the_union(fold0_run, tiny_data, capsys):
     config = (fold0_run / "config.json").read_bytes()
     folds = (fold0_run / "folds.csv").read_bytes()
-    # Another process, another fold, another --num-workers: it joins instead of being refused.
-    assert _train(tiny_data, fold0_run, "--train-folds", "1", "--num-workers", "1") == 0
+    # Another process, another fold, another --num-workers, the folder spelled another way: it joins.
+    other_spelling = f"{fold0_run.parent}/./{fold0_run.name}/"
+    assert _train(tiny_data, other_spelling, "--train-folds", "1", "--num-workers", "1") == 0
     assert "joining the run" in capsys.readouterr().out
     assert (fold0_run / "config.json").read_bytes() == config and (fold0_run / "folds.csv").read_bytes() == folds
     summary = json.loads((fold0_run / "summary.json").read_text())
@@ -81,6 +82,13 @@ def test_a_fold_locked_by_another_process_is_refused(fold0_run, tiny_data, capsy
         assert not (fold0_run / "5head_best_fold1.pth").exists()  # nothing trained: all locks are taken first
     assert _snapshot(fold0_run) == before
     assert not fold_lock_path(fold0_run, 2).exists()
+
+
+def test_only_held_locks_count_as_folds_in_training(tmp_path):
+    (tmp_path / ".fold3.lock").write_text("pid 1 on a machine that was switched off")  # left by a killed process
+    assert folds_in_training(tmp_path) == []
+    with held_lock(fold_lock_path(tmp_path, 1), wait=False):
+        assert folds_in_training(tmp_path) == [1]
 
 
 def test_lock_is_exclusive_and_released():

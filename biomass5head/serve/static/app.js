@@ -118,7 +118,7 @@ function card(file, res) {
     const w = document.createElement("p");
     w.className = "warning ood";
     w.textContent = `This photo looks unlike the training photos (distance ${res.ood.distance.toFixed(1)}, ` +
-      `${res.ood.ratio.toFixed(1)}× the 99th percentile of the training photos' own): treat the estimate with care.`;
+      `${res.ood.ratio == null ? "?" : res.ood.ratio.toFixed(1)}× the 99th percentile of the training photos' own): treat the estimate with care.`;
     side.appendChild(w);
   }
   if (res.note) {
@@ -164,7 +164,11 @@ async function handle(files) {
 function csv() {
   const head = ["image", "area_m2", ...TARGETS.flatMap((t) => [t, `${t.replace(/_g$/, "")}_kg_ha`, `${t}_min`, `${t}_max`]),
     "out_of_distribution", "ood_distance", "note"];
-  const quote = (v) => (/[",\n]/.test(String(v)) ? `"${String(v).replace(/"/g, '""')}"` : String(v));
+  const quote = (v) => {
+    let s = String(v);
+    if (typeof v === "string" && /^[=+\-@\t\r]/.test(s)) s = `'${s}`; // a spreadsheet must not run a file name
+    return /[",\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+  };
   const rows = shown.map((r) => [r.name, area(), ...TARGETS.flatMap((t) => [r.grams[t], kgHa(r.grams[t]), ...r.range[t]]),
     r.ood ? r.ood.flag : "", r.ood ? r.ood.distance : "", r.note || ""].map(quote).join(","));
   return [head.join(","), ...rows].join("\n") + "\n";
