@@ -206,6 +206,7 @@ def test_folds_without_checkpoint_are_skipped_and_reported(tiny_run, tmp_path, c
     assert "fold 1: no checkpoint" in caplog.text
 
 
+@pytest.mark.slow  # a few seconds; moved out of README command 2's budget
 def test_img_size_may_differ_from_training(tiny_run, tmp_path, caplog):
     """At 56 px the position embeddings are resampled and the photos tiled finer: other numbers than at the
     trained 28 px (which `--img-size 28` reproduces exactly), still finite grams of the same images."""

@@ -150,6 +150,7 @@ def test_pooled_features_are_the_mean_and_max_over_all_tiles():
     np.testing.assert_array_equal(pooled_features(tiles, "mean"), tiles.reshape(2, 6, 4).mean(1))
 
 
+@pytest.mark.slow  # a few seconds; moved out of README command 2's budget
 def test_report_needs_an_evaluated_frozen_run(tiny_run, head_only, tmp_path, caplog):
     unevaluated = copy_run(head_only.out, tmp_path / "fresh")
     assert report_cli.main(["--model-dir", str(unevaluated)]) == 2

@@ -84,6 +84,7 @@ def _files(base: Path) -> dict[str, bytes]:
     return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # a few seconds; moved out of README command 2's budget
 def test_deterministic_for_a_seed(tmp_path):
     kw = {"n_train": 6, "n_test": 1, "size": (64, 32)}
     generate(tmp_path / "a", seed=5, workers=1, **kw)
@@ -125,6 +126,7 @@ def test_sampled_targets_match_the_real_summary():
 CLI_ARGS = ["--n-train", "6", "--n-test", "1", "--size", "64x32", "--quiet"]
 
 
+@pytest.mark.slow  # a few seconds; moved out of README command 2's budget
 def test_cli_writes_and_refuses_an_existing_run(tmp_path, capsys):
     out = tmp_path / "set"
     assert main(["--out", str(out), *CLI_ARGS]) == 0

@@ -55,6 +55,7 @@ def test_label_error_has_the_documented_size():
         assert np.exp(ratio).mean() == pytest.approx(1.0, abs=0.02)  # unbiased in grams
 
 
+@pytest.mark.slow  # a few seconds; moved out of README command 2's budget
 def test_realistic_photos_vary_in_exposure_beyond_the_easy_ones():
     records = sample_records(24, seed=2).to_dict("records")
     easy = [render_photo(r, (128, 64), np.random.default_rng(i)).mean() for i, r in enumerate(records)]

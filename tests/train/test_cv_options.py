@@ -15,6 +15,7 @@ from biomass5head.data.folds import make_folds
 from biomass5head.data.tables import load_train
 
 
+@pytest.mark.slow  # a few seconds; moved out of README command 2's budget
 def test_seed_makes_a_run_repeatable(tiny_data, tmp_path_factory):
     fold_csv = str(tiny_data / "trainfold.csv")
     args = ("--fold-csv", fold_csv, "--batch-size", "8", "--epochs", "2")
