@@ -286,3 +286,17 @@ def test_pretrained_from_hf_cache(empty_hf_home, monkeypatch, reference_state):
     save_file(reference_state, snapshot / "model.safetensors")
     monkeypatch.setattr(backbone_mod, "_reachable", lambda host, **kw: pytest.fail("network probed"))
     assert_same_weights(create_backbone(NAME, 42, pretrained=True), reference_state)
+
+
+def test_tile_weights_are_the_attention_pools_and_uniform_without_it():
+    torch.manual_seed(0)
+    lf, rf = torch.randn(3, 4, 384), torch.randn(3, 4, 384)
+    model = make_model().eval()
+    w = model.tile_weights(lf, rf)
+    assert w.shape == (3, 2, 4)
+    torch.testing.assert_close(w.sum(-1), torch.ones(3, 2))
+    filmed = model.film(lf, rf)  # what the pool sees of the left view: FiLM-conditioned on the right one
+    torch.testing.assert_close(w[:, 0], model.pool.weights(filmed)[..., 0])
+    assert not torch.allclose(w[:, 0], torch.full((3, 4), 0.25))
+    flat = make_model(attention_pool=False).eval().tile_weights(lf, rf)
+    torch.testing.assert_close(flat, torch.full((3, 2, 4), 0.25))
