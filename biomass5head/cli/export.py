@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from biomass5head.cli.common import prog, run_command
+from biomass5head.constants import TARGETS
 from biomass5head.fileio import write_json
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,7 @@ def export(args: argparse.Namespace) -> int:
     rel = export_onnx(graph, m.grid[0] * m.grid[1], m.img_size, out)
     tiles = folds[0].tiles(opts)
     meta = {"inputs": {"left": "float32 (batch, T, 3, S, S)", "right": "float32 (batch, T, 3, S, S)"},
-            "output": "grams float32 (batch, 5)", "targets": ["Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g", "GDM_g",
-                                                             "Dry_Total_g"],
+            "output": "grams float32 (batch, 5)", "targets": list(TARGETS),
             "grid": list(tiles.grid), "img_size": tiles.img_size, "mean": list(tiles.mean), "std": list(tiles.std),
             "folds": [fm.fold for fm in folds], "backbone": m.backbone, "shared_backbone": shared,
             "run": str(run.path)}

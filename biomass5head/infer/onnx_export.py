@@ -18,14 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from biomass5head.constants import TARGETS
+from biomass5head.constants import CLOVER, DEAD, GDM, GREEN, TARGETS, TOTAL
 from biomass5head.infer.fold_model import FoldModel
 from biomass5head.infer.run_folder import RunError
 
 logger = logging.getLogger(__name__)
 
-GREEN, DEAD, CLOVER, GDM, TOTAL = (TARGETS.index(t) for t in ("Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g", "GDM_g",
-                                                             "Dry_Total_g"))
 OPSET = 18
 MAX_REL_DIFF = 1e-3
 

@@ -24,7 +24,7 @@ from biomass5head.data.images import ImageReadError, decode_photo, needed_size, 
 from biomass5head.data.photo_check import ASPECT_TOLERANCE
 from biomass5head.data.tables import load_train
 from biomass5head.infer.fold_model import fold_feature_cache, load_fold_model
-from biomass5head.infer.ood import reference_for_run
+from biomass5head.infer.ood import pooled, reference_for_run
 from biomass5head.infer.run_folder import open_run, resolve_options, runtime
 from biomass5head.model.postprocess import apply_postprocess
 
@@ -130,9 +130,10 @@ class PhotoPredictor:
         x = torch.stack([self.tiles.to_tensor(v) for pair in variants for v in pair]).to(self.rt.device)  # (2V,T,..)
         with self._lock, self.rt.autocast():
             shared = self._encode(self.folds[0].model, x) if self.shared_backbone else None
-            per_fold, means, weights = [], [], []
+            per_fold, means, weights, first = [], [], [], None
             for fm in self.folds:
                 feats = shared if shared is not None else self._encode(fm.model, x)  # (V, 2, T, D)
+                first = feats if first is None else first  # the first fold's features: the OOD check's reference
                 out = fm.model.forward_features(feats[:, 0], feats[:, 1])
                 grams = fm.transform.decode(out["reg"].float()).cpu().numpy().astype(np.float64)  # (V, 5)
                 mean = grams.mean(0, keepdims=True)  # over the flips, in grams, as predict does
@@ -146,7 +147,6 @@ class PhotoPredictor:
                 per_fold.append(grams)
                 means.append(mean[0])
                 weights.append(fm.model.tile_weights(feats[:1, 0], feats[:1, 1])[0].float().cpu().numpy())
-            pooled_feature = (shared if shared is not None else self._encode(self.folds[0].model, x))[0].float()
         per_fold = np.stack(per_fold)  # (F, V, 5)
         post = self.opts.cfg.post
         finish = lambda g: apply_postprocess(g, correction_threshold=post.correction_threshold,  # noqa: E731
@@ -154,8 +154,9 @@ class PhotoPredictor:
         grams = finish(np.mean(means, axis=0, keepdims=True))[0]  # the fold average, as predict_ensemble does
         each = finish(per_fold.reshape(-1, 5))  # every fold x flip, post-processed alike
         return {"grams": grams, "each": each, "folds": [fm.fold for fm in self.folds],
+                "per_fold": each.reshape(per_fold.shape)[:, 0],  # each fold's estimate of the photo as it is
                 "tile_weights": np.mean(weights, axis=0),
-                "ood": self.ood.check(pooled_feature.mean(dim=(0, 1)).cpu().numpy()) if self.ood else None}
+                "ood": self.ood.check(pooled(first[0].cpu().numpy())) if self.ood else None}
 
     @staticmethod
     def _encode(model, x: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,7 @@ def _result(name: str, out: dict, note: str | None, size: tuple[int, int], area:
         "kg_per_ha": {t: kg_per_ha(g, area) for t, g in zip(names, out["grams"], strict=True)},
         "range": {t: [float(out["each"][:, i].min()), float(out["each"][:, i].max())] for i, t in enumerate(names)},
         "per_fold": {str(f): dict(zip(names, map(float, g), strict=True))
-                     for f, g in zip(out["folds"], out["each"][:: len(out["each"]) // len(out["folds"])],
-                                     strict=True)},
+                     for f, g in zip(out["folds"], out["per_fold"], strict=True)},
         "tile_weights": {"grid": [rows, cols], "left": out["tile_weights"][0].round(5).tolist(),
                          "right": out["tile_weights"][1].round(5).tolist()},
         "ood": out["ood"], "area_m2": area,

@@ -148,7 +148,7 @@ class FoldTrainer:
         loader = loader or self.val_loader
         out = predict(self.model, loader, self.runtime, self.transform, grid=self.tiles.grid,
                       desc=f"fold {self.fold} val")
-        if self.dist.enabled and isinstance(loader.dataset, BiomassDataset):  # each rank predicted its share
+        if self._sharded(loader):  # each rank predicted its share
             out = gather_predictions(self.dist.all_gather(out))
         raw = compute_metrics(out["true"], out["pred"])
         p = self.cfg.post
@@ -249,10 +249,14 @@ class FoldTrainer:
         a cached step of the heads costs about what exchanging their gradients does, so each rank runs the same epoch
         (same seed, same batches) instead of a share of it: 251 vs 405 ms per epoch on 2 gloo ranks
         (benchmarks/bench_ddp.py measures both)."""
-        if not self.dist.enabled or not isinstance(loader.dataset, BiomassDataset):
+        if not self._sharded(loader):
             return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=ids)
+
+    def _sharded(self, loader) -> bool:
+        """Whether each rank reads its own share of `loader` (pixels under torchrun; cached features are replicated)."""
+        return self.dist.enabled and isinstance(loader.dataset, BiomassDataset)
 
     def _loaders(self) -> dict:
         """Every DataLoader of the fold by name (their generators decide shuffling and worker seeds)."""
