@@ -19,6 +19,8 @@ AMP_DTYPES = ("float16", "bfloat16", "float32")
 SELECT_ON = ("fold", "inner")
 TARGET_TRANSFORMS = ("identity", "log1p", "sqrt")
 RECIPES = ("reference", "robust")
+# What a tile gives the heads: the CLS token (the reference), the mean of its patch tokens, or both side by side.
+TILE_FEATURES = ("cls", "patch_mean", "cls_patch_mean")
 
 
 class ConfigError(ValueError):
@@ -52,6 +54,7 @@ class ModelConfig:
     pretrained: bool = True
     backbone_weights: str | None = None
     ridge_base: bool = False  # heads learn a residual over a closed-form ridge fit on the frozen features
+    tile_feature: str = "cls"  # TILE_FEATURES
 
     def __post_init__(self):
         _check(len(self.grid) == 2 and all(int(g) >= 1 for g in self.grid),
@@ -59,6 +62,8 @@ class ModelConfig:
         _check(self.img_size >= 14, f"--img-size must be at least 14 (one patch), got {self.img_size}")
         _check(0.0 <= self.dropout <= 0.5, f"--dropout must be in [0.0, 0.5], got {self.dropout}")
         _check(0.0 < self.hidden_ratio <= 8.0, f"--hidden-ratio must be in (0, 8], got {self.hidden_ratio}")
+        _check(self.tile_feature in TILE_FEATURES,
+               f"--tile-feature must be one of {', '.join(TILE_FEATURES)}, got {self.tile_feature}")
 
 
 @dataclass(frozen=True)

@@ -89,12 +89,14 @@ def test_every_option_reaches_the_config():
         "--cutmix-alpha", "0.8", "--amp-dtype", "bfloat16", "--num-folds", "4", "--train-folds", "1", "3",
         "--cv-strategy", "group_date_state_bin", "--fold-csv", "f.csv", "--device-type", "cpu", "--seed", "7",
         "--check-photos", "full", "--allow-any-aspect", "--save-every", "60", "--keep-last",
-        "--select-on", "inner", "--inner-frac", "0.3", "--recipe", "robust", "--compile")
+        "--select-on", "inner", "--inner-frac", "0.3", "--recipe", "robust", "--compile",
+        "--tile-feature", "patch_mean")
     assert cfg.to_dict() == {
         "model": {"backbone": "vit_small_patch14_dinov2.lvd142m", "grid": [1, 3], "img_size": 224, "dropout": 0.3,
                   "hidden_ratio": 0.25, "film": False, "attention_pool": False, "grad_ckpt": True,
                   "use_aux_heads": True, "pretrained": True, "backbone_weights": "w.safetensors",
-                  "ridge_base": False},  # the robust recipe's ridge needs --freeze-backbone
+                  "ridge_base": False,  # the robust recipe's ridge needs --freeze-backbone
+                  "tile_feature": "patch_mean"},
         "data": {"base_path": "B", "batch_size": 3, "num_workers": 2, "cache_images": True, "prefetch_factor": 2,
                  "num_folds": 4, "train_folds": [1, 3], "cv_strategy": "group_date_state_bin", "fold_csv": "f.csv",
                  "check_photos": "full", "allow_any_aspect": True},

@@ -31,6 +31,7 @@ from biomass5head.config import (
     RECIPES,
     SELECT_ON,
     TARGET_TRANSFORMS,
+    TILE_FEATURES,
     AugConfig,
     CacheConfig,
     ConfigError,
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone-weights", default=None, metavar="FILE",
                    help="local .safetensors/.pth backbone weights (timm or original DINOv2 layout)")
     g.add_argument("--no-pretrained", action="store_true", help="random backbone initialisation")
+    g.add_argument("--tile-feature", default="cls", choices=TILE_FEATURES,
+                   help="what each tile gives FiLM and pooling: the CLS token (default, the reference), the mean of "
+                        "its patch tokens, or both concatenated (twice the feature size)")
     g.add_argument("--ridge-base", action="store_true",
                    help="with --freeze-backbone: the heads learn a residual over a ridge regression fitted on the "
                         "training images' mean tile features (alpha chosen on the selection images); the heads' "
@@ -238,7 +242,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           hidden_ratio=args.hidden_ratio, film=not args.no_film,
                           attention_pool=not args.no_attention_pool, grad_ckpt=args.grad_ckpt,
                           use_aux_heads=args.use_aux_heads, pretrained=not args.no_pretrained,
-                          backbone_weights=args.backbone_weights, ridge_base=args.ridge_base),
+                          backbone_weights=args.backbone_weights, ridge_base=args.ridge_base,
+                          tile_feature=args.tile_feature),
         data=DataConfig(base_path=args.base_path, batch_size=args.batch_size, num_workers=args.num_workers,
                         cache_images=args.cache_images, prefetch_factor=args.prefetch_factor,
                         num_folds=args.num_folds, train_folds=train_folds, cv_strategy=args.cv_strategy,

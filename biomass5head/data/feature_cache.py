@@ -62,9 +62,11 @@ class FeatureCache:
     """On-disk store of `(2, T, D)` float32 tile features keyed by model, photo bytes and variant."""
 
     def __init__(self, root, *, backbone: str, weights_digest: str, tiles: TileSpec, compute_dtype: str,
-                 aug_key: str = ""):
+                 aug_key: str = "", tile_feature: str = "cls"):
         key = {"format": CACHE_FORMAT, "backbone": backbone, "weights": weights_digest, "img_size": tiles.img_size,
                "grid": list(tiles.grid), "dtype": compute_dtype, "aug": aug_key}
+        if tile_feature != "cls":  # (left out for the CLS token, so caches written before the option stay valid)
+            key["tile_feature"] = tile_feature
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.key = key
         self.dir = Path(root) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', backbone)}_{digest}"

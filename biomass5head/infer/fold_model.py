@@ -86,6 +86,7 @@ def load_fold_model(path: Path, opts: InferenceOptions, device: torch.device) ->
 def fold_feature_cache(fm: FoldModel, opts: InferenceOptions, rt: Runtime) -> FeatureCache:
     """The frozen-feature cache that holds this fold model's features (keyed by its backbone weights)."""
     return FeatureCache(opts.feature_cache, backbone=opts.cfg.model.backbone, tiles=fm.tiles(opts),
+                        tile_feature=opts.cfg.model.tile_feature,
                         weights_digest=state_dict_digest(fm.model.backbone), compute_dtype=rt.dtype_name)
 
 

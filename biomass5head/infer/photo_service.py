@@ -59,7 +59,7 @@ class PhotoPredictor:
         self.shared_backbone = len(digests) == 1
         self._lock = threading.Lock()
         key = (f"{self.opts.cfg.model.backbone}:{state_dict_digest(self.folds[0].model.backbone)}:"
-               f"{self.tiles.img_size}:{list(self.tiles.grid)}:{self.rt.dtype_name}")
+               f"{self.tiles.img_size}:{list(self.tiles.grid)}:{self.rt.dtype_name}:{self.opts.cfg.model.tile_feature}")
         self.ood, self.ood_status = (reference_for_run(self.run.path, self._training_features, key) if ood
                                      else (None, "off (--no-ood)"))
         logger.info("loaded %s: folds %s, %s backbone%s; out-of-distribution check: %s", self.run.path,
@@ -86,6 +86,7 @@ class PhotoPredictor:
         fm, cfg = self.folds[0], self.opts.cfg
         cache = (fold_feature_cache(fm, self.opts, self.rt) if self.opts.feature_cache else
                  FeatureCache(cfg.cache.resolved_dir(self.opts.data_dir), backbone=cfg.model.backbone, tiles=self.tiles,
+                              tile_feature=cfg.model.tile_feature,
                               weights_digest=state_dict_digest(fm.model.backbone), compute_dtype=self.rt.dtype_name))
         cached = sum(cache.file(p, "id").exists() for p in paths)
         table = ensure_features(cache, fm.model, paths, ["id"], tiles=self.tiles, runtime=self.rt,

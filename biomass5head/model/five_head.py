@@ -72,14 +72,17 @@ class FiveHeadModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, *, dropout: float = 0.2, hidden_ratio: float = 0.5,
                  use_film: bool = True, attention_pool: bool = True, use_aux_heads: bool = False,
-                 grad_ckpt: bool = False, ridge_base: bool = False):
+                 grad_ckpt: bool = False, ridge_base: bool = False, tile_feature: str = "cls"):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"--dropout {dropout} must be in [0, 1)")
         if hidden_ratio <= 0:
             raise ValueError(f"--hidden-ratio {hidden_ratio} must be positive")
         self.backbone = backbone
-        dim = int(backbone.num_features)
+        if tile_feature not in ("cls", "patch_mean", "cls_patch_mean"):
+            raise ValueError(f"--tile-feature must be cls, patch_mean or cls_patch_mean, got {tile_feature!r}")
+        self.tile_feature = tile_feature
+        dim = int(backbone.num_features) * (2 if tile_feature == "cls_patch_mean" else 1)  # what a tile gives
         self.feat_dim = dim
         self.hidden_dim = max(int(2 * dim * hidden_ratio), 1)
         self.use_aux_heads = use_aux_heads
@@ -143,10 +146,17 @@ class FiveHeadModel(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------------
     def _backbone_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        tokens = self.backbone.forward_features(x)  # (N, prefix + patches, D), after the final norm
+        if self.tile_feature == "cls":
+            return self.backbone.forward_head(tokens, pre_logits=True)
+        patch_mean = tokens[:, int(getattr(self.backbone, "num_prefix_tokens", 1)):].mean(dim=1)
+        if self.tile_feature == "patch_mean":
+            return patch_mean
+        return torch.cat([self.backbone.forward_head(tokens, pre_logits=True), patch_mean], dim=-1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Tile features: x (N, 3, S, S) -> (N, D), the backbone's pre-logits output (the CLS token for DINOv2)."""
+        """Tile features: x (N, 3, S, S) -> (N, feat_dim): with --tile-feature cls the backbone's pre-logits output
+        (the CLS token for DINOv2), patch_mean the mean of its patch tokens, cls_patch_mean both concatenated."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._backbone_trainable):
             return self._tile_features(x)
 
@@ -208,4 +218,4 @@ def build_model(cfg: RunConfig, pretrained: bool | None = None) -> FiveHeadModel
                                weights_path=m.backbone_weights if use_pretrained else None)
     return FiveHeadModel(backbone, dropout=m.dropout, hidden_ratio=m.hidden_ratio, use_film=m.film,
                          attention_pool=m.attention_pool, use_aux_heads=m.use_aux_heads, grad_ckpt=m.grad_ckpt,
-                         ridge_base=m.ridge_base)
+                         ridge_base=m.ridge_base, tile_feature=m.tile_feature)

@@ -100,7 +100,7 @@ class FoldTrainer:
         """(cache root, FeatureCache key, ensure_features arguments) of this fold's frozen backbone."""
         cfg = self.cfg
         key = dict(backbone=cfg.model.backbone, weights_digest=state_dict_digest(self.model.backbone),
-                   tiles=self.tiles, compute_dtype=self.runtime.dtype_name)
+                   tiles=self.tiles, compute_dtype=self.runtime.dtype_name, tile_feature=cfg.model.tile_feature)
         common = dict(tiles=self.tiles, runtime=self.runtime, batch_size=cfg.data.batch_size, seed=cfg.seed)
         return cfg.cache.resolved_dir(cfg.data.base_path), key, common
 
