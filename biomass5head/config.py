@@ -190,6 +190,7 @@ class TrainConfig:
     select_on: str = "fold"  # "fold" (the reference: the scored fold) or "inner" (an inner split of the training folds)
     inner_frac: float = 0.2
     compile: bool = False  # torch.compile the backbone (pixel epochs)
+    ema_decay: float = 0.0  # > 0: an exponential moving average of the weights is validated and saved
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -202,6 +203,7 @@ class TrainConfig:
         _check_weight(self.weight_decay, "--weight-decay")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         _check(self.freeze_epochs >= 0, f"--freeze-epochs must be >= 0, got {self.freeze_epochs}")
+        _check(0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1) (0: off), got {self.ema_decay}")
         _check(self.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
         _check(self.select_on in SELECT_ON, f"--select-on must be one of {', '.join(SELECT_ON)}, got {self.select_on}")
         _check(0.0 < self.inner_frac <= 0.5, f"--inner-frac must be in (0, 0.5], got {self.inner_frac}")

@@ -90,7 +90,7 @@ def test_every_option_reaches_the_config():
         "--cv-strategy", "group_date_state_bin", "--fold-csv", "f.csv", "--device-type", "cpu", "--seed", "7",
         "--check-photos", "full", "--allow-any-aspect", "--save-every", "60", "--keep-last",
         "--select-on", "inner", "--inner-frac", "0.3", "--recipe", "robust", "--compile",
-        "--tile-feature", "patch_mean")
+        "--tile-feature", "patch_mean", "--ema-decay", "0.99")
     assert cfg.to_dict() == {
         "model": {"backbone": "vit_small_patch14_dinov2.lvd142m", "grid": [1, 3], "img_size": 224, "dropout": 0.3,
                   "hidden_ratio": 0.25, "film": False, "attention_pool": False, "grad_ckpt": True,
@@ -111,7 +111,8 @@ def test_every_option_reaches_the_config():
         "train": {"epochs": 7, "grad_accum": 4, "grad_clip": 0.5, "patience": 3, "lr": 3e-4, "backbone_lr": 2e-5,
                   "weight_decay": 0.05, "warmup_epochs": 1, "two_stage": True, "freeze_epochs": 2,
                   "head_lr_stage1": 5e-4, "freeze_backbone": False, "amp_dtype": "bfloat16", "save_every": 60.0,
-                  "keep_last": True, "select_on": "inner", "inner_frac": 0.3, "compile": True},
+                  "keep_last": True, "select_on": "inner", "inner_frac": 0.3, "compile": True,
+                  "ema_decay": 0.99},
         "output_dir": "O", "device_type": "cpu", "seed": 7, "recipe": "robust",
     }
 

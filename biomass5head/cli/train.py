@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "folds, grouped like --cv-strategy (an honest OOF score)")
     g.add_argument("--inner-frac", type=float, default=0.2,
                    help="share of each fold's training images held out for --select-on inner")
+    g.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+                   help="validate and save an exponential moving average of the weights, updated every optimizer "
+                        "step with decay D (e.g. 0.99; default 0: off, the reference)")
 
     g = p.add_argument_group("Device & misc")
     g.add_argument("--device-type", default=None, choices=("cuda", "mps", "cpu"), help="default: auto-detect")
@@ -264,7 +267,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           warmup_epochs=warmup_epochs, two_stage=args.two_stage, freeze_epochs=freeze_epochs,
                           head_lr_stage1=args.head_lr_stage1, freeze_backbone=args.freeze_backbone,
                           amp_dtype=args.amp_dtype, save_every=args.save_every, keep_last=args.keep_last,
-                          select_on=args.select_on, inner_frac=args.inner_frac, compile=args.compile),
+                          select_on=args.select_on, inner_frac=args.inner_frac, compile=args.compile,
+                          ema_decay=args.ema_decay),
         cache=CacheConfig(enabled=not args.no_feature_cache, dir=args.feature_cache, bank=args.feature_bank),
         output_dir=args.output_dir,
         device_type=args.device_type,

@@ -47,13 +47,13 @@ def _accuracies(sums: dict) -> dict:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, scaler=None, *, grad_accum=1,
-                    grad_clip=0.0, epoch=0, log_every=50, desc="train", dist=None) -> dict:
+                    grad_clip=0.0, epoch=0, log_every=50, desc="train", dist=None, on_step=None) -> dict:
     """Train for one pass over `loader` on `rt`'s device and precision (`scaler`: the stage's GradScaler or None);
     returns mean loss terms, aux accuracies, optimizer steps and speed.
 
     Under torchrun `model` is DistributedDataParallel over this rank's share of every batch: micro-steps of a
     gradient accumulation skip the gradient exchange (`no_sync`), and with `dist` the returned losses, accuracies
-    and speed are those of all ranks together."""
+    and speed are those of all ranks together. `on_step()` runs after every optimizer step (e.g. a weight average)."""
     model.train()
     device, autocast = rt.device, rt.autocast()
     transform = loss_fn.transform
@@ -80,6 +80,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, s
         if stepping:
             _optimizer_step(optimizer, scaler, grad_clip)
             scheduler.step()
+            if on_step is not None:
+                on_step()
             n_steps += 1
         bs = target.shape[0]
         n_seen += bs

@@ -72,9 +72,11 @@ def set_rng_states(states: dict, loaders: dict[str, torch.utils.data.DataLoader]
         loader.generator.set_state(states["loaders"][name])
 
 
-def snapshot(progress: Progress, model, optimizer, scheduler, scaler, loaders: dict, rows: list[dict]) -> dict:
-    """The in-memory state of a fold at the end of an epoch."""
+def snapshot(progress: Progress, model, optimizer, scheduler, scaler, loaders: dict, rows: list[dict],
+             ema=None) -> dict:
+    """The in-memory state of a fold at the end of an epoch (with the weight average under --ema-decay)."""
     return {"format": RESUME_FORMAT, "progress": asdict(progress), "model": _cpu(model.state_dict()),
+            "ema": _cpu(ema.state_dict()) if ema is not None else None,
             "optimizer": _cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states(loaders),
             "rows": json.dumps(rows, default=float)}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from biomass5head.config import RunConfig
 from biomass5head.constants import AUX_HEADS, TARGET_SHORT, TARGETS
@@ -58,6 +59,7 @@ class FoldTrainer:
         self.feature_plan = plan_feature_path(cfg)
         self._feature_loaders = None
         self._train_model = self.model  # what the current stage trains (the model, or DDP over it under torchrun)
+        self.ema = None  # --ema-decay: the weight average (AveragedModel), made when training starts
         self._best, self._last_write = None, -math.inf  # best weights not yet written, time of the last write
         self._snapshot, self._last_state_write = None, time.monotonic()  # resume state not yet written
         self.last_path = self.out_dir / last_state_name(fold)
@@ -146,7 +148,7 @@ class FoldTrainer:
     def validate(self, loader=None) -> dict:
         """Validation metrics in grams, raw and after the post-processing the options select."""
         loader = loader or self.val_loader
-        out = predict(self.model, loader, self.runtime, self.transform, grid=self.tiles.grid,
+        out = predict(self.evaluated, loader, self.runtime, self.transform, grid=self.tiles.grid,
                       desc=f"fold {self.fold} val")
         if self._sharded(loader):  # each rank predicted its share
             out = gather_predictions(self.dist.all_gather(out))
@@ -186,6 +188,9 @@ class FoldTrainer:
         logger.info("%s", self.feature_plan.message)
         if self.model.ridge is not None and not state:  # (a resumed fold's ridge comes with its saved weights)
             self.fit_ridge_base()
+        if cfg.train.ema_decay:  # after the ridge fit: the average starts from the weights training starts from
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+                                     use_buffers=True)
         finished = False
         try:
             for index, stage in enumerate(plan_stages(cfg)):
@@ -207,7 +212,7 @@ class FoldTrainer:
                     self._train_epoch(p, stage, train_loader, val_loader, optimizer, scheduler, scaler)
                     if self.dist.is_main:  # only rank 0 writes the run folder
                         self._snapshot = snapshot(p, self.model, optimizer, scheduler, scaler, self._loaders(),
-                                                  self.rows)
+                                                  self.rows, ema=self.ema)
                         if time.monotonic() - self._last_state_write >= cfg.train.save_every:
                             self._write_state()
                 if p.stale >= cfg.train.patience:
@@ -230,7 +235,8 @@ class FoldTrainer:
         shared = self._train_model is not self.model  # DDP: the epoch's losses are summed over the ranks
         tr = train_one_epoch(self._train_model, train_loader, self.loss_fn, optimizer, scheduler, self.runtime, scaler,
                              grad_accum=cfg.train.grad_accum, grad_clip=cfg.train.grad_clip, epoch=p.epoch,
-                             desc=f"fold {self.fold} {stage.name} ep {p.epoch}", dist=self.dist if shared else None)
+                             desc=f"fold {self.fold} {stage.name} ep {p.epoch}", dist=self.dist if shared else None,
+                             on_step=(lambda: self.ema.update_parameters(self.model)) if self.ema else None)
         val = self.validate(val_loader)
         score = self.dist.broadcast(val["post"]["weighted_r2"])  # rank 0 decides, so every rank stops alike
         improved = score > p.best
@@ -254,6 +260,11 @@ class FoldTrainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=ids)
 
+    @property
+    def evaluated(self):
+        """The weights validation scores and the best checkpoint keeps: the average under --ema-decay."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _sharded(self, loader) -> bool:
         """Whether each rank reads its own share of `loader` (pixels under torchrun; cached features are replicated)."""
         return self.dist.enabled and isinstance(loader.dataset, BiomassDataset)
@@ -267,6 +278,8 @@ class FoldTrainer:
 
     def _restore(self, state: dict, optimizer, scheduler, scaler) -> None:
         self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
@@ -287,8 +300,9 @@ class FoldTrainer:
         longer, so writing every improvement would dominate head-only training. Rank 0 alone keeps and writes them."""
         if not self.dist.is_main:
             return
-        self._best = dict(model_state={k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
-                          epoch=epoch, best_score=score, metrics={"raw": val["raw"], "post": val["post"]})
+        weights = self.evaluated.state_dict()
+        self._best = dict(model_state={k: v.detach().to("cpu", copy=True) for k, v in weights.items()}, epoch=epoch,
+                          best_score=score, metrics={"raw": val["raw"], "post": val["post"]})
         if time.monotonic() - self._last_write >= SAVE_INTERVAL_S:
             self._flush_best()
 
