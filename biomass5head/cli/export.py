@@ -30,8 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def export(args: argparse.Namespace) -> int:
     import torch
 
-    from biomass5head.data.feature_cache import state_dict_digest
-    from biomass5head.infer.fold_model import load_fold_model
+    from biomass5head.infer.fold_model import backbone_digests, load_fold_model
     from biomass5head.infer.onnx_export import EnsembleGraph, export_onnx
     from biomass5head.infer.run_folder import RunError, open_run, resolve_options
 
@@ -45,7 +44,7 @@ def export(args: argparse.Namespace) -> int:
         raise RunError(f"the run in {run.path} applies --apply-context-adjustment, which the ONNX graph does not "
                        "hold: use python -m src.predict for it")
     folds = [load_fold_model(p, opts, torch.device("cpu")) for p in run.checkpoints.values()]
-    shared = len({state_dict_digest(fm.model.backbone) for fm in folds}) == 1
+    shared = len(set(backbone_digests(folds))) == 1
     graph = EnsembleGraph(folds, post.correction_threshold, post.always_correct_dead, shared_backbone=shared)
     rel = export_onnx(graph, m.grid[0] * m.grid[1], m.img_size, out)
     tiles = folds[0].tiles(opts)

@@ -83,6 +83,12 @@ def load_fold_model(path: Path, opts: InferenceOptions, device: torch.device) ->
                      ckpt.get("context_ratios"))
 
 
+def backbone_digests(folds: list[FoldModel]) -> list[str]:
+    """Each fold model's backbone weights digest, in fold order: all equal when the folds share one frozen backbone
+    (a head-only run), which then needs to encode a photo only once."""
+    return [state_dict_digest(fm.model.backbone) for fm in folds]
+
+
 def fold_feature_cache(fm: FoldModel, opts: InferenceOptions, rt: Runtime) -> FeatureCache:
     """The frozen-feature cache that holds this fold model's features (keyed by its backbone weights)."""
     return FeatureCache(opts.feature_cache, backbone=opts.cfg.model.backbone, tiles=fm.tiles(opts),

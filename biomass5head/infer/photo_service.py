@@ -19,11 +19,11 @@ from PIL import Image
 
 from biomass5head.constants import TARGETS
 from biomass5head.data.augment import hflip_views, vflip_views
-from biomass5head.data.feature_cache import FeatureCache, ensure_features, state_dict_digest
+from biomass5head.data.feature_cache import FeatureCache, ensure_features
 from biomass5head.data.images import ImageReadError, decode_photo, needed_size, resize_view, split_views
 from biomass5head.data.photo_check import ASPECT_TOLERANCE
 from biomass5head.data.tables import load_train
-from biomass5head.infer.fold_model import fold_feature_cache, load_fold_model
+from biomass5head.infer.fold_model import backbone_digests, fold_feature_cache, load_fold_model
 from biomass5head.infer.ood import pooled, reference_for_run
 from biomass5head.infer.run_folder import open_run, resolve_options, runtime
 from biomass5head.model.postprocess import apply_postprocess
@@ -55,10 +55,11 @@ class PhotoPredictor:
         self.rt = runtime(self.opts)
         self.folds = [load_fold_model(p, self.opts, self.rt.device) for p in self.run.checkpoints.values()]
         self.tiles = self.folds[0].tiles(self.opts)
-        digests = {state_dict_digest(fm.model.backbone) for fm in self.folds}
-        self.shared_backbone = len(digests) == 1
+        digests = backbone_digests(self.folds)
+        self.shared_backbone = len(set(digests)) == 1
+        self._first_digest = digests[0]  # the first fold's backbone: the OOD check's features
         self._lock = threading.Lock()
-        key = (f"{self.opts.cfg.model.backbone}:{state_dict_digest(self.folds[0].model.backbone)}:"
+        key = (f"{self.opts.cfg.model.backbone}:{self._first_digest}:"
                f"{self.tiles.img_size}:{list(self.tiles.grid)}:{self.rt.dtype_name}:{self.opts.cfg.model.tile_feature}")
         self.ood, self.ood_status = (reference_for_run(self.run.path, self._training_features, key) if ood
                                      else (None, "off (--no-ood)"))
@@ -87,7 +88,7 @@ class PhotoPredictor:
         cache = (fold_feature_cache(fm, self.opts, self.rt) if self.opts.feature_cache else
                  FeatureCache(cfg.cache.resolved_dir(self.opts.data_dir), backbone=cfg.model.backbone, tiles=self.tiles,
                               tile_feature=cfg.model.tile_feature,
-                              weights_digest=state_dict_digest(fm.model.backbone), compute_dtype=self.rt.dtype_name))
+                              weights_digest=self._first_digest, compute_dtype=self.rt.dtype_name))
         cached = sum(cache.file(p, "id").exists() for p in paths)
         table = ensure_features(cache, fm.model, paths, ["id"], tiles=self.tiles, runtime=self.rt,
                                 batch_size=self.opts.cfg.data.batch_size, desc="training photos' features")

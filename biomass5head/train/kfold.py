@@ -196,14 +196,15 @@ def open_run_folder(cfg: RunConfig, df: pd.DataFrame, rt, resume: bool, locks: c
             if resume and not folds_in_training(out_dir):  # what a second Ctrl-C (an immediate exit) may have left
                 for leftover in out_dir.glob(".*.tmp"):
                     leftover.unlink(missing_ok=True)
-            if resume and record_world(out_dir) != rt.dist.world_size:
-                logger.warning("resuming with %d process(es) where the run had %d: steps per epoch, and so the "
-                               "learning-rate schedule of the unfinished fold, change", rt.dist.world_size,
-                               record_world(out_dir))
             if resume or joining:
                 record = json.loads((out_dir / "config.json").read_text())
                 folds = read_fold_csv(out_dir / "folds.csv", df, cfg.data.num_folds)
                 done = finished_folds(out_dir)
+                started_with = int(record.get("runtime", {}).get("world_size", 1))  # 1 for runs older than torchrun
+                if resume and started_with != rt.dist.world_size:
+                    logger.warning("resuming with %d process(es) where the run had %d: steps per epoch, and so the "
+                                   "learning-rate schedule of the unfinished fold, change", rt.dist.world_size,
+                                   started_with)
             else:
                 record, done = {**cfg.to_dict(), "runtime": rt.record()}, {}  # config.json, also in every checkpoint
                 folds = assign_folds(cfg, df)
@@ -227,11 +228,6 @@ def open_run_folder(cfg: RunConfig, df: pd.DataFrame, rt, resume: bool, locks: c
     else:
         logger.info("run folder: %s%s", out_dir, " (joined: fold-parallel)" if joining else "")
     return str(out_dir), folds, record, done, joining
-
-
-def record_world(out_dir: Path) -> int:
-    """The number of processes a run was started with (config.json's runtime.world_size; 1 for older runs)."""
-    return int(json.loads((out_dir / "config.json").read_text()).get("runtime", {}).get("world_size", 1))
 
 
 def check_join(out_dir: Path, record: dict, cfg: RunConfig, done: dict) -> None:
