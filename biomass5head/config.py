@@ -55,6 +55,7 @@ class ModelConfig:
     backbone_weights: str | None = None
     ridge_base: bool = False  # heads learn a residual over a closed-form ridge fit on the frozen features
     tile_feature: str = "cls"  # TILE_FEATURES
+    interval_heads: int = 0  # > 0: up to this many interval bins per target, classified by auxiliary heads
 
     def __post_init__(self):
         _check(len(self.grid) == 2 and all(int(g) >= 1 for g in self.grid),
@@ -64,6 +65,8 @@ class ModelConfig:
         _check(0.0 < self.hidden_ratio <= 8.0, f"--hidden-ratio must be in (0, 8], got {self.hidden_ratio}")
         _check(self.tile_feature in TILE_FEATURES,
                f"--tile-feature must be one of {', '.join(TILE_FEATURES)}, got {self.tile_feature}")
+        _check(self.interval_heads == 0 or 2 <= self.interval_heads <= 50,
+               f"--interval-heads must be 0 (off) or 2-50 bins, got {self.interval_heads}")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class LossConfig:
     aux_species_weight: float = 2.0
     use_log_target: bool = False
     target_transform: str | None = None  # identity, log1p or sqrt; None: log1p with use_log_target, else identity
+    interval_weight: float = 0.3  # weight of the interval heads' mean cross-entropy (with --interval-heads)
 
     @property
     def transform_kind(self) -> str:
@@ -156,6 +160,7 @@ class LossConfig:
         _check(all(math.isfinite(w) and w >= 0 for w in self.target_weights) and sum(self.target_weights) > 0,
                f"--target-weights must be finite, >= 0 and have a positive sum, got {self.target_weights}")
         _check_weight(self.constraint_weight, "--constraint-weight")
+        _check_weight(self.interval_weight, "--interval-weight")
         for name in ("aux_state_weight", "aux_month_weight", "aux_species_weight"):
             _check_weight(getattr(self, name), "--" + name.replace("_", "-"))
 

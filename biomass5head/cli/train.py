@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tile-feature", default="cls", choices=TILE_FEATURES,
                    help="what each tile gives FiLM and pooling: the CLS token (default, the reference), the mean of "
                         "its patch tokens, or both concatenated (twice the feature size)")
+    g.add_argument("--interval-heads", type=int, default=0, metavar="K",
+                   help="auxiliary heads classify each target into up to K quantile bins of the training fold (0 gets "
+                        "a bin of its own for zero-inflated targets; tied edges merge); default 0: off")
+    g.add_argument("--interval-weight", type=float, default=0.3, metavar="W",
+                   help="weight of the interval heads' cross-entropy beside the regression loss (default 0.3)")
     g.add_argument("--ridge-base", action="store_true",
                    help="with --freeze-backbone: the heads learn a residual over a ridge regression fitted on the "
                         "training images' mean tile features (alpha chosen on the selection images); the heads' "
@@ -246,7 +251,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           attention_pool=not args.no_attention_pool, grad_ckpt=args.grad_ckpt,
                           use_aux_heads=args.use_aux_heads, pretrained=not args.no_pretrained,
                           backbone_weights=args.backbone_weights, ridge_base=args.ridge_base,
-                          tile_feature=args.tile_feature),
+                          tile_feature=args.tile_feature, interval_heads=args.interval_heads),
         data=DataConfig(base_path=args.base_path, batch_size=args.batch_size, num_workers=args.num_workers,
                         cache_images=args.cache_images, prefetch_factor=args.prefetch_factor,
                         num_folds=args.num_folds, train_folds=train_folds, cv_strategy=args.cv_strategy,
@@ -259,7 +264,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                         use_focal_loss=args.use_focal_loss, use_dead_aware_loss=args.use_dead_aware_loss,
                         huber_for_dead=not args.no_huber_for_dead, aux_state_weight=args.aux_state_weight,
                         aux_month_weight=args.aux_month_weight, aux_species_weight=args.aux_species_weight,
-                        use_log_target=args.use_log_target, target_transform=args.target_transform),
+                        use_log_target=args.use_log_target, target_transform=args.target_transform,
+                        interval_weight=args.interval_weight),
         post=PostConfig(correction_threshold=args.correction_threshold, always_correct_dead=args.always_correct_dead,
                         apply_context_adjustment=args.apply_context_adjustment),
         train=TrainConfig(epochs=epochs, grad_accum=args.grad_accum, grad_clip=args.grad_clip, patience=args.patience,

@@ -25,6 +25,7 @@ from biomass5head.device import Runtime
 from biomass5head.infer.run_folder import InferenceOptions, Run, RunError, check_against
 from biomass5head.model.checkpoint import CHECKPOINT_RE, load_checkpoint
 from biomass5head.model.five_head import build_model
+from biomass5head.model.intervals import IntervalBins
 from biomass5head.model.postprocess import apply_postprocess
 from biomass5head.model.predict import predict
 from biomass5head.model.targets import TargetTransform
@@ -72,7 +73,10 @@ def load_fold_model(path: Path, opts: InferenceOptions, device: torch.device) ->
     if opts.cfg.post.apply_context_adjustment and not ckpt.get("context_ratios"):
         raise RunError(f"checkpoint {path} has no context ratios, but the run applies the context adjustment")
     cfg = replace(cfg, model=replace(cfg.model, img_size=opts.cfg.model.img_size, grad_ckpt=False))
-    model = build_model(cfg, pretrained=False)
+    bins = ckpt.get("interval_bins")
+    if cfg.model.interval_heads and not bins:
+        raise RunError(f"checkpoint {path} was trained with --interval-heads but holds no interval bins")
+    model = build_model(cfg, pretrained=False, interval_bins=IntervalBins.from_dict(bins) if bins else None)
     try:
         model.load_state_dict(fit_pos_embed(ckpt["model"], model))
     except RuntimeError as exc:

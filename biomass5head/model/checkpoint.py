@@ -26,9 +26,10 @@ def find_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
 
 
 def save_checkpoint(path: str | os.PathLike, *, model_state: dict, config: dict, fold: int, epoch: int,
-                    best_score: float, target_transform: dict, context_ratios: dict | None, metrics: dict) -> None:
+                    best_score: float, target_transform: dict, context_ratios: dict | None, metrics: dict,
+                    interval_bins: dict | None = None) -> None:
     """Write everything needed to use the weights later: configuration as plain data, fold, epoch, score,
-    target normalisation and context ratios."""
+    target normalisation, context ratios and (--interval-heads) the fold's interval bins."""
     payload = {
         "format_version": FORMAT_VERSION,
         "model": {k: v.detach().cpu() for k, v in model_state.items()},
@@ -39,6 +40,7 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: dict, config: dict,
         "target_transform": target_transform,
         "context_ratios": context_ratios,
         "metrics": metrics,
+        "interval_bins": interval_bins,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

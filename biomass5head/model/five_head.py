@@ -16,6 +16,7 @@ import torch.nn as nn
 from biomass5head.config import RunConfig
 from biomass5head.constants import AUX_HEADS, TARGETS
 from biomass5head.model.backbone import create_backbone
+from biomass5head.model.intervals import IntervalBins
 from biomass5head.model.ridge_base import RidgeBase, ridge_offset
 
 
@@ -72,7 +73,8 @@ class FiveHeadModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, *, dropout: float = 0.2, hidden_ratio: float = 0.5,
                  use_film: bool = True, attention_pool: bool = True, use_aux_heads: bool = False,
-                 grad_ckpt: bool = False, ridge_base: bool = False, tile_feature: str = "cls"):
+                 grad_ckpt: bool = False, ridge_base: bool = False, tile_feature: str = "cls",
+                 interval_sizes: tuple[int, ...] | None = None):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"--dropout {dropout} must be in [0, 1)")
@@ -102,6 +104,11 @@ class FiveHeadModel(nn.Module):
             {k: nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden_dim, len(h.classes)))
              for k, h in AUX_HEADS.items()}
         ) if use_aux_heads else None
+        # --interval-heads: one linear classifier per target over its interval bins (sizes from the fold's bins).
+        self.interval_sizes = tuple(int(n) for n in interval_sizes) if interval_sizes else None
+        self.interval_heads = nn.ModuleList(
+            nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden_dim, n)) for n in self.interval_sizes
+        ) if self.interval_sizes else None
         self._backbone_trainable = True
         self._tile_features = self._backbone_features  # compile_backbone() swaps in a compiled one
         if grad_ckpt:
@@ -161,7 +168,8 @@ class FiveHeadModel(nn.Module):
             return self._tile_features(x)
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
-        """left, right (B, T, 3, S, S) -> dict of `reg` (B, 5) and, with aux heads, `state`/`month`/`species`."""
+        """left, right (B, T, 3, S, S) -> dict of `reg` (B, 5), with aux heads `state`/`month`/`species` logits,
+        with interval heads `interval` (B, sum of bins) log-probabilities (`intervals.split_log_probs` splits them)."""
         if left.shape != right.shape or left.dim() != 5:
             raise ValueError(f"left and right must both be (B, T, 3, S, S); got {tuple(left.shape)} and "
                              f"{tuple(right.shape)}")
@@ -192,6 +200,8 @@ class FiveHeadModel(nn.Module):
         out = {"reg": ridge_offset(self.ridge, left_feats, right_feats, raw)}
         if self.aux_heads is not None:
             out.update({k: head(hidden) for k, head in self.aux_heads.items()})
+        if self.interval_heads is not None:  # (B, sum of bins): each target's log-probabilities, concatenated
+            out["interval"] = torch.cat([head(hidden).float().log_softmax(dim=1) for head in self.interval_heads], 1)
         return out
 
 
@@ -210,12 +220,17 @@ def describe(model: FiveHeadModel) -> str:
             f"backbone {backbone / 1e6:.2f}M, heads {heads / 1e6:.2f}M{frozen}")
 
 
-def build_model(cfg: RunConfig, pretrained: bool | None = None) -> FiveHeadModel:
-    """The 5-head model of a configuration; `pretrained=False` skips weights (they come from a checkpoint)."""
+def build_model(cfg: RunConfig, pretrained: bool | None = None,
+                interval_bins: IntervalBins | None = None) -> FiveHeadModel:
+    """The 5-head model of a configuration; `pretrained=False` skips weights (they come from a checkpoint).
+    `interval_bins`: the fold's bins, required with --interval-heads (they size the heads)."""
+    if cfg.model.interval_heads and interval_bins is None:
+        raise ValueError("--interval-heads needs the fold's interval bins to build the model")
     m = cfg.model
     use_pretrained = m.pretrained if pretrained is None else pretrained
     backbone = create_backbone(m.backbone, m.img_size, pretrained=use_pretrained,
                                weights_path=m.backbone_weights if use_pretrained else None)
     return FiveHeadModel(backbone, dropout=m.dropout, hidden_ratio=m.hidden_ratio, use_film=m.film,
                          attention_pool=m.attention_pool, use_aux_heads=m.use_aux_heads, grad_ckpt=m.grad_ckpt,
-                         ridge_base=m.ridge_base, tile_feature=m.tile_feature)
+                         ridge_base=m.ridge_base, tile_feature=m.tile_feature,
+                         interval_sizes=interval_bins.sizes if m.interval_heads else None)

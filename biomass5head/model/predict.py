@@ -45,8 +45,8 @@ def predict(model, loader, rt: Runtime, transform, *, grid: tuple[int, int], tta
     """Predictions in grams for every item of `loader`, in dataset order.
 
     Returns `pred` (N, 5) grams, `probs` {head: (N, C)} softmax probabilities of the aux heads (empty without
-    them), `index` (N,) and `true` (N, 5) grams. With `tta`, original, horizontal and vertical flips of both
-    views are averaged in grams.
+    them; `interval`: the interval heads' bin probabilities, concatenated over the targets), `index` (N,) and
+    `true` (N, 5) grams. With `tta`, original, horizontal and vertical flips of both views are averaged in grams.
     """
     model.eval()
     device, autocast = rt.device, rt.autocast()
@@ -65,6 +65,8 @@ def predict(model, loader, rt: Runtime, transform, *, grid: tuple[int, int], tta
                 for h in AUX_HEADS:
                     if h in out:
                         head_probs[h].append(out[h].float().softmax(1))
+                if "interval" in out:  # --interval-heads: each target's bin probabilities, concatenated
+                    head_probs["interval"].append(out["interval"].float().exp())
             preds.append(torch.stack(grams).mean(0).cpu().numpy())
             for h, p in head_probs.items():
                 probs[h].append(torch.stack(p).mean(0).cpu().numpy())

@@ -10,8 +10,9 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from biomass5head.constants import AUX_HEADS
+from biomass5head.constants import AUX_HEADS, TARGET_SHORT
 from biomass5head.device import Runtime
+from biomass5head.model.intervals import split_log_probs
 from biomass5head.model.predict import forward_batch
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,19 @@ def _count_correct(out: dict, labels: dict, sums: dict) -> None:
         sums[f"correct_{head}"] += int((out[head].argmax(1)[valid] == labels[head][valid]).sum())
 
 
+def _count_interval(log_probs, labels, sizes, sums: dict) -> None:
+    """Correct interval-bin predictions per target (--interval-heads)."""
+    for j, block in enumerate(split_log_probs(log_probs, sizes)):
+        sums[f"correct_interval_{TARGET_SHORT[j]}"] += int((block.argmax(1) == labels[:, j]).sum())
+    sums["n_interval"] += len(labels)
+
+
 def _accuracies(sums: dict) -> dict:
-    return {f"acc_{h}": sums[f"correct_{h}"] / sums[f"n_{h}"] for h in AUX_HEADS if sums.get(f"n_{h}", 0) > 0}
+    acc = {f"acc_{h}": sums[f"correct_{h}"] / sums[f"n_{h}"] for h in AUX_HEADS if sums.get(f"n_{h}", 0) > 0}
+    if sums.get("n_interval", 0) > 0:
+        per = {f"acc_interval_{t}": sums[f"correct_interval_{t}"] / sums["n_interval"] for t in TARGET_SHORT}
+        acc.update(acc_interval=sum(per.values()) / len(per), **per)
+    return acc
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, scaler=None, *, grad_accum=1,
@@ -56,7 +68,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, s
     and speed are those of all ranks together. `on_step()` runs after every optimizer step (e.g. a weight average)."""
     model.train()
     device, autocast = rt.device, rt.autocast()
-    transform = loss_fn.transform
+    transform, bins = loss_fn.transform, getattr(loss_fn, "interval_bins", None)
     sums, n_seen, n_steps, data_time = defaultdict(float), 0, 0, 0.0
     start = tick = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -66,12 +78,14 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, s
         data_time += time.perf_counter() - tick
         target = transform.encode(batch["target"].to(device))
         labels = _aux_labels(batch, device)
+        bin_labels = bins.labels(batch["target"].to(device)) if bins is not None else None  # bins of true grams
         stepping = (step + 1) % grad_accum == 0 or step + 1 == n_batches
         with model.no_sync() if not stepping and hasattr(model, "no_sync") else contextlib.nullcontext():
             with autocast:
                 out = forward_batch(model, batch, device)
             aux_logits = {h: out[h].float() for h in AUX_HEADS if h in out} or None
-            loss, terms = loss_fn(out["reg"].float(), target, aux_logits, labels if aux_logits else None)
+            loss, terms = loss_fn(out["reg"].float(), target, aux_logits, labels if aux_logits else None,
+                                  out.get("interval"), bin_labels)
             if not torch.isfinite(loss):
                 detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
                 raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}: {detail}")
@@ -88,6 +102,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, s
         for k, v in terms.items():
             sums[k] += float(v) * bs
         _count_correct(out, labels, sums)
+        if bins is not None:
+            _count_interval(out["interval"].detach(), bin_labels, bins.sizes, sums)
         rate = n_seen / max(1e-9, time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}", refresh=False)  # tqdm redraws on its own clock
         if log_every and (step + 1) % log_every == 0:

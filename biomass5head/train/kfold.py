@@ -11,6 +11,7 @@ import logging
 import random
 import shutil
 import time
+from dataclasses import replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -88,7 +89,7 @@ def assign_folds(cfg: RunConfig, df: pd.DataFrame) -> np.ndarray:
 def check_backbone(cfg: RunConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Build the model once before anything is written, so missing weights or a bad name fail fast; returns the
     backbone's normalisation (mean, std)."""
-    model = build_model(cfg)
+    model = build_model(replace(cfg, model=replace(cfg.model, interval_heads=0)))  # (interval bins come per fold)
     logger.info("model: %s (%s weights); %s", cfg.model.backbone, cfg.model.backbone_weights or
                 ("pretrained" if cfg.model.pretrained else "random"), describe(model))
     return model.mean_std

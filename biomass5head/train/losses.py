@@ -2,7 +2,7 @@
 constraint, the dead-aware loss and the auxiliary cross-entropies.
 
 Every term reported by ``BiomassLoss`` is its *contribution* to the total (already multiplied by its
-weight), so ``total == regression + constraint + dead_aware + sum(aux_*)``.
+weight), so ``total == regression + constraint + dead_aware + sum(aux_*) (+ interval)``.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from biomass5head.constants import AUX_HEADS, CLOVER, DEAD, GDM, GREEN, IGNORE_INDEX, TARGETS, TOTAL
+from biomass5head.model.intervals import IntervalBins, split_log_probs
 from biomass5head.model.targets import TargetTransform
 
 # Huber delta for Dead in model space, where targets are scaled to a mean of about 1: errors beyond one
@@ -54,7 +55,7 @@ def aux_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 class BiomassLoss(nn.Module):
-    """Weighted regression + constraint + dead-aware + auxiliary losses for the five-head model.
+    """Weighted regression + constraint + dead-aware + auxiliary + interval losses for the five-head model.
 
     regression: ``sum_k w_k * mean_b L_k / sum_k w_k`` over targets k, with ``L`` the squared error in model
     space, except Dead, which uses ``scaled_huber`` (delta ``DEAD_HUBER_DELTA``) unless ``huber_for_dead=False``.
@@ -72,6 +73,9 @@ class BiomassLoss(nn.Module):
     from the stronger Total/GDM heads without pulling Total (half the competition score) towards Dead.
 
     aux: ``aux_weights[h] * CE(logits_h, labels_h)`` with ``ignore_index=IGNORE_INDEX``.
+
+    interval (``interval_bins`` set, --interval-heads): ``interval_weight`` times the mean over the five targets of
+    the cross-entropy of each target's interval head against the bin of its true value.
     """
 
     def __init__(
@@ -83,6 +87,8 @@ class BiomassLoss(nn.Module):
         use_dead_aware: bool = False,
         huber_for_dead: bool = True,
         aux_weights: dict[str, float] | None = None,
+        interval_bins: IntervalBins | None = None,
+        interval_weight: float = 0.3,
     ):
         super().__init__()
         weights = torch.as_tensor(target_weights, dtype=torch.float32).reshape(-1)
@@ -100,6 +106,10 @@ class BiomassLoss(nn.Module):
         self.use_dead_aware = bool(use_dead_aware)
         self.huber_for_dead = bool(huber_for_dead)
         self.aux_weights = None if aux_weights is None else {h: float(aux_weights[h]) for h in AUX_HEADS}
+        if interval_weight < 0:
+            raise ValueError(f"interval_weight must be >= 0, got {interval_weight}")
+        self.interval_bins = interval_bins
+        self.interval_weight = float(interval_weight)
 
     def regression_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Weighted per-target regression loss in model space (Dead left out under dead-aware)."""
@@ -143,8 +153,18 @@ class BiomassLoss(nn.Module):
             out[f"aux_{head}"] = self.aux_weights[head] * aux_cross_entropy(aux_logits[head], labels)
         return out
 
-    def forward(self, pred, target, aux_logits=None, aux_labels=None):
-        """``pred``, ``target``: (B, 5) in model space. Returns ``(loss, terms)``: the scalar total (NaN/inf
+    def interval_loss(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Weighted mean over targets of the interval heads' cross-entropy; `log_probs` (B, sum of bins) as the
+        model gives them, `labels` (B, 5) from ``interval_bins.labels``."""
+        if log_probs is None or labels is None:
+            raise ValueError("interval heads are on (interval_bins set) but their outputs / labels were not given")
+        blocks = split_log_probs(log_probs.float(), self.interval_bins.sizes)
+        ce = [F.nll_loss(block, labels[:, j].long().to(block.device)) for j, block in enumerate(blocks)]
+        return self.interval_weight * torch.stack(ce).mean()
+
+    def forward(self, pred, target, aux_logits=None, aux_labels=None, interval_log_probs=None, interval_labels=None):
+        """``pred``, ``target``: (B, 5) in model space; with interval heads also their log-probabilities and the
+        bins of the true grams (``interval_bins.labels``). Returns ``(loss, terms)``: the scalar total (NaN/inf
         propagate, so the caller can stop on a non-finite loss) and a dict of detached per-term contributions."""
         if pred.shape != target.shape or pred.ndim != 2 or pred.shape[1] != len(TARGETS):
             raise ValueError(f"pred and target must both be (B, {len(TARGETS)}), got {tuple(pred.shape)} "
@@ -159,6 +179,8 @@ class BiomassLoss(nn.Module):
         else:
             dead_aware = pred.new_zeros(())
         aux = {} if self.aux_weights is None else self.aux_losses(aux_logits, aux_labels)
+        if self.interval_bins is not None:
+            aux["interval"] = self.interval_loss(interval_log_probs, interval_labels)
         total = regression + constraint + dead_aware + sum(aux.values(), pred.new_zeros(()))
         terms = {"regression": regression, "constraint": constraint, "dead_aware": dead_aware, **aux,
                  "total": total}

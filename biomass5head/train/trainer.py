@@ -23,6 +23,7 @@ from biomass5head.fileio import write_csv
 from biomass5head.metrics import compute_metrics
 from biomass5head.model.checkpoint import checkpoint_name, save_checkpoint
 from biomass5head.model.five_head import build_model
+from biomass5head.model.intervals import IntervalBins, interval_accuracy
 from biomass5head.model.postprocess import apply_postprocess, compute_context_ratios
 from biomass5head.model.predict import gather_predictions, predict
 from biomass5head.model.ridge_base import fit_ridge_base
@@ -50,7 +51,9 @@ class FoldTrainer:
         self.transform = TargetTransform.fit(self.train_df[list(TARGETS)].to_numpy(np.float64),
                                              kind=cfg.loss.transform_kind)
         self.context_ratios = compute_context_ratios(self.train_df) if cfg.model.use_aux_heads else None
-        self.model = build_model(cfg).to(self.device)
+        self.bins = (IntervalBins.fit(self.train_df[list(TARGETS)].to_numpy(np.float64), cfg.model.interval_heads)
+                     if cfg.model.interval_heads else None)  # --interval-heads: this fold's bins, in its checkpoint
+        self.model = build_model(cfg, interval_bins=self.bins).to(self.device)
         if cfg.train.compile:
             self.model.compile_backbone()
         self.tiles = TileSpec(cfg.model.grid, cfg.model.img_size, *self.model.mean_std)
@@ -72,7 +75,8 @@ class FoldTrainer:
                if self.cfg.model.use_aux_heads else None)
         return BiomassLoss(self.transform, target_weights=lc.target_weights, constraint_weight=lc.constraint_weight,
                            use_focal=lc.use_focal_loss, use_dead_aware=lc.use_dead_aware_loss,
-                           huber_for_dead=lc.huber_for_dead, aux_weights=aux)
+                           huber_for_dead=lc.huber_for_dead, aux_weights=aux, interval_bins=self.bins,
+                           interval_weight=lc.interval_weight)
 
     def _build_loaders(self, image_cache):
         a, d, seed = self.cfg.aug, self.cfg.data, self.seed
@@ -160,10 +164,15 @@ class FoldTrainer:
         post = compute_metrics(out["true"], post_pred)
         acc = {}
         for head, probs in out["probs"].items():
+            if head == "interval":
+                continue
             labels = self.val_df[AUX_HEADS[head].column].to_numpy()
             valid = labels >= 0
             if valid.any():
                 acc[f"val_acc_{head}"] = float((probs.argmax(1)[valid] == labels[valid]).mean())
+        if self.bins is not None and len(out["true"]):
+            acc.update({f"val_{k}": v for k, v in interval_accuracy(self.bins, out["probs"]["interval"],
+                                                                      out["true"]).items()})
         return {"raw": raw, "post": post, "acc": acc}
 
     def baseline_score(self) -> float:
@@ -186,6 +195,8 @@ class FoldTrainer:
         logger.info("fold %d: %d train / %d val images; training-mean baseline R2 %.4f", self.fold,
                     len(self.train_df), len(self.val_df), baseline)
         logger.info("%s", self.feature_plan.message)
+        if self.bins is not None:
+            logger.info("fold %d: interval bins per target: %s", self.fold, self.bins.describe())
         if self.model.ridge is not None and not state:  # (a resumed fold's ridge comes with its saved weights)
             self.fit_ridge_base()
         if cfg.train.ema_decay:  # after the ridge fit: the average starts from the weights training starts from
@@ -310,7 +321,8 @@ class FoldTrainer:
         if self._best is None:
             return
         save_checkpoint(self.out_dir / checkpoint_name(self.fold), config=self.config_record, fold=self.fold,
-                        target_transform=self.transform.to_dict(), context_ratios=self.context_ratios, **self._best)
+                        target_transform=self.transform.to_dict(), context_ratios=self.context_ratios,
+                        interval_bins=self.bins.to_dict() if self.bins else None, **self._best)
         self._best, self._last_write = None, time.monotonic()
 
     def _log_epoch(self, epoch: int, stage: Stage, lrs: dict, tr: dict, val: dict, improved: bool) -> None:
@@ -326,7 +338,7 @@ class FoldTrainer:
         self.rows.append(row)
         if self.dist.is_main:
             write_csv(self.out_dir / f"log_fold{self.fold}.csv", pd.DataFrame(self.rows))
-        acc = " ".join(f"{k[8:]} {v:.2f}" for k, v in val["acc"].items())
+        acc = " ".join(f"{k[8:]} {v:.2f}" for k, v in val["acc"].items() if not k.startswith("val_acc_interval_"))
         logger.info("fold %d ep %d [%s] loss %.4f | val R2 %.4f (raw %.4f)%s | %.1f img/s%s", self.fold, epoch,
                     stage.name, tr["total"], row["val_weighted_r2"], row["val_weighted_r2_raw"],
                     f" | acc {acc}" if acc else "", tr["samples_per_s"], " *" if improved else "")
