@@ -92,8 +92,9 @@ class IntervalBins:
             raise ValueError(f"malformed interval bins {d!r}: {exc}") from exc
 
     def describe(self) -> str:
-        """One log line: each target's bin count (z: with a zero bin)."""
-        return ", ".join(f"{name} {t.n_bins}{'z' if t.zero_bin else ''}" for name, t in zip(TARGETS, self.targets, strict=True))
+        """One log line: each target's bin count and whether one of them is the zero bin."""
+        pairs = zip(TARGETS, self.targets, strict=True)
+        return ", ".join(f"{name} {t.n_bins}{' (zero bin)' if t.zero_bin else ''}" for name, t in pairs)
 
 
 def split_log_probs(log_probs: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
