@@ -21,6 +21,8 @@ TARGET_TRANSFORMS = ("identity", "log1p", "sqrt")
 RECIPES = ("reference", "robust")
 # What a tile gives the heads: the CLS token (the reference), the mean of its patch tokens, or both side by side.
 TILE_FEATURES = ("cls", "patch_mean", "cls_patch_mean")
+# --scale-pad: what fills the border a zoom-out leaves (data.augment): the photo's own edge mirrored, or neutral grey.
+SCALE_PADS = ("reflect", "grey")
 
 
 class ConfigError(ValueError):
@@ -120,9 +122,17 @@ class AugConfig:
     mixup_alpha: float = 0.4
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
+    scale_aug_prob: float = 0.0  # > 0: random zoom out (padded) / in, identical on both views
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    scale_pad: str = "reflect"  # data.augment.SCALE_PADS
+
+    @property
+    def augmenting(self) -> bool:
+        """Whether training photos are augmented (beyond the left/right swap, which works on features too)."""
+        return self.aug_prob > 0 or self.scale_aug_prob > 0
 
     def __post_init__(self):
-        for name in ("aug_prob", "stereo_swap_prob", "mixup_prob", "cutmix_prob"):
+        for name in ("aug_prob", "stereo_swap_prob", "mixup_prob", "cutmix_prob", "scale_aug_prob"):
             _check_prob(getattr(self, name), "--" + name.replace("_", "-"))
         _check(self.mixup_prob + self.cutmix_prob <= 1.0 + 1e-9,
                f"--mixup-prob + --cutmix-prob must not exceed 1, got {self.mixup_prob + self.cutmix_prob}")
@@ -130,6 +140,10 @@ class AugConfig:
                f"--mixup-alpha must be > 0, got {self.mixup_alpha}")
         _check(self.cutmix_alpha > 0 and math.isfinite(self.cutmix_alpha),
                f"--cutmix-alpha must be > 0, got {self.cutmix_alpha}")
+        _check(len(self.scale_range) == 2 and 0.25 <= self.scale_range[0] <= self.scale_range[1] <= 4.0,
+               f"--scale-range needs LOW HIGH with 0.25 <= LOW <= HIGH <= 4, got {list(self.scale_range)}")
+        _check(self.scale_pad in SCALE_PADS,
+               f"--scale-pad must be one of {', '.join(SCALE_PADS)}, got {self.scale_pad}")
 
 
 @dataclass(frozen=True)

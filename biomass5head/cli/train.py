@@ -29,6 +29,7 @@ from biomass5head.config import (
     AMP_DTYPES,
     DEFAULT_BACKBONE,
     RECIPES,
+    SCALE_PADS,
     SELECT_ON,
     TARGET_TRANSFORMS,
     TILE_FEATURES,
@@ -176,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aug-prob", type=float, default=0.5)
     g.add_argument("--stereo-correct-aug", action="store_true", help="photometric transforms independent per view")
     g.add_argument("--stereo-swap-prob", type=float, default=0.0)
+    g.add_argument("--scale-aug-prob", type=float, default=0.0, metavar="P",
+                   help="probability of a random zoom, the same on both views (camera distance): out pads the view "
+                        "(--scale-pad), in crops its edges; works with the feature bank; default 0: off")
+    g.add_argument("--scale-range", type=float, nargs=2, default=[0.75, 1.25], metavar=("LOW", "HIGH"),
+                   help="zoom factors (below 1: out, above 1: in; default 0.75 1.25)")
+    g.add_argument("--scale-pad", default="reflect", choices=SCALE_PADS,
+                   help="border of a zoom-out: the photo's edge mirrored (default) or neutral grey")
 
     g = p.add_argument_group("Target normalization")
     g.add_argument("--use-log-target", action="store_true", help="learn log1p(grams)")
@@ -259,7 +267,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                         allow_any_aspect=args.allow_any_aspect),
         aug=AugConfig(aug_prob=args.aug_prob, stereo_correct_aug=args.stereo_correct_aug,
                       stereo_swap_prob=args.stereo_swap_prob, mixup_prob=args.mixup_prob,
-                      mixup_alpha=args.mixup_alpha, cutmix_prob=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha),
+                      mixup_alpha=args.mixup_alpha, cutmix_prob=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha,
+                      scale_aug_prob=args.scale_aug_prob, scale_range=tuple(args.scale_range),
+                      scale_pad=args.scale_pad),
         loss=LossConfig(target_weights=tuple(args.target_weights), constraint_weight=args.constraint_weight,
                         use_focal_loss=args.use_focal_loss, use_dead_aware_loss=args.use_dead_aware_loss,
                         huber_for_dead=not args.no_huber_for_dead, aux_state_weight=args.aux_state_weight,

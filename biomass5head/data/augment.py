@@ -14,6 +14,8 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from biomass5head.config import SCALE_PADS
+
 Views = tuple[np.ndarray, np.ndarray]
 
 # Probability of each transform = min(1, aug_prob * weight). Flips, rotation and the colour jitters are the
@@ -29,6 +31,9 @@ PHOTO_WEIGHTS: dict[str, float] = {
 }
 # A flip or a 90-degree rotation applied every time is no augmentation at all, so their probability is capped.
 MAX_FLIP_PROB = 0.5
+# --scale-pad (config.SCALE_PADS): reflect mirrors the photo's own edge into the border a zoom-out leaves (more of
+# the same pasture); grey fills it with a neutral colour, so the quadrat shrinks as if the camera were further away.
+NEUTRAL_GREY = (128, 128, 128)
 
 
 def hflip_views(left: np.ndarray, right: np.ndarray) -> Views:
@@ -95,6 +100,19 @@ def _photometric(p: float, pair: dict[str, str]) -> A.Compose:
     )
 
 
+def _scale(p: float, scale_range: tuple[float, float], pad: str, pair: dict[str, str]) -> A.Compose:
+    """Random zoom about the view's centre, the same factor on both views: below 1 the photo shrinks and the border
+    is padded (`pad`), above 1 the centre is enlarged and the edges cropped; the view keeps its size."""
+    lo, hi = scale_range
+    border = cv2.BORDER_REFLECT_101 if pad == "reflect" else cv2.BORDER_CONSTANT
+    return A.Compose(
+        # balanced_scale: zooming in and out equally likely when the range spans 1 (uniform on each side).
+        [A.Affine(scale=(lo, hi), keep_ratio=True, balanced_scale=lo < 1.0 < hi, border_mode=border,
+                  fill=NEUTRAL_GREY, p=p)],
+        additional_targets=pair,
+    )
+
+
 class StereoAugment:
     """Random augmentation of a (left, right) pair of uint8 views of one quadrat.
 
@@ -104,22 +122,32 @@ class StereoAugment:
     - Photometric (brightness/contrast, hue/saturation, gamma, Gaussian noise, blur, JPEG; probabilities
       `aug_prob * PHOTO_WEIGHTS`): identical on both views when `stereo_correct=False` (the reference's
       default, same parameters and same noise), drawn independently per view when `stereo_correct=True`.
+    - Scale (--scale-aug-prob, before everything else, independent of `aug_prob`): with probability `scale_prob` a
+      zoom by a factor from `scale_range` about the centre (out: padded by `scale_pad`; in: edges cropped),
+      always identical on both views, as the camera's distance is.
     - Swap: after the transforms, left and right are exchanged with probability `swap_prob`.
 
-    `aug_prob=0, swap_prob=0` returns the inputs untouched. Randomness comes only from `seed` (see `reseed`):
-    the same seed gives the same outputs. In a forked DataLoader worker that was not reseeded explicitly, the
-    first call reseeds from torch's per-worker seed, so workers do not repeat each other's augmentations.
+    `aug_prob=0, swap_prob=0, scale_prob=0` returns the inputs untouched. Randomness comes only from `seed` (see
+    `reseed`): the same seed gives the same outputs. In a forked DataLoader worker that was not reseeded explicitly,
+    the first call reseeds from torch's per-worker seed, so workers do not repeat each other's augmentations.
     """
 
     def __init__(self, aug_prob: float = 0.5, stereo_correct: bool = False, swap_prob: float = 0.0,
-                 seed: int | None = None):
-        for name, value in (("aug_prob", aug_prob), ("swap_prob", swap_prob)):
+                 seed: int | None = None, scale_prob: float = 0.0, scale_range: tuple[float, float] = (0.75, 1.25),
+                 scale_pad: str = "reflect"):
+        for name, value in (("aug_prob", aug_prob), ("swap_prob", swap_prob), ("scale_prob", scale_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0.0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+        if scale_pad not in SCALE_PADS:
+            raise ValueError(f"scale_pad must be one of {', '.join(SCALE_PADS)}, got {scale_pad!r}")
         self.aug_prob = float(aug_prob)
         self.stereo_correct = bool(stereo_correct)
         self.swap_prob = float(swap_prob)
+        self.scale_prob, self.scale_range, self.scale_pad = float(scale_prob), tuple(scale_range), scale_pad
         pair = {"right": "image"}
+        self._zoom = _scale(self.scale_prob, self.scale_range, scale_pad, pair)
         self._geo = _geometric(self.aug_prob, pair)
         self._rot90 = A.Compose([A.RandomRotate90(p=min(self.aug_prob, MAX_FLIP_PROB))], additional_targets=pair)
         self._photo = _photometric(self.aug_prob, pair)
@@ -127,7 +155,8 @@ class StereoAugment:
 
     def reseed(self, seed: int | None) -> None:
         """Restart every random stream from `seed` (None: fresh entropy), e.g. per DataLoader worker and epoch."""
-        geo, rot, photo, swap = np.random.SeedSequence(seed).spawn(4)
+        geo, rot, photo, swap, zoom = np.random.SeedSequence(seed).spawn(5)
+        seed_compose(self._zoom, zoom)
         seed_compose(self._geo, geo)
         seed_compose(self._rot90, rot)
         seed_compose(self._photo, photo)
@@ -139,6 +168,9 @@ class StereoAugment:
         _check_views(left, right)
         if self._pid != os.getpid():  # forked worker that nobody reseeded: do not copy the parent's stream
             self.reseed(worker_seed())
+        if self.scale_prob > 0.0:
+            out = self._zoom(image=left, right=right)
+            left, right = np.ascontiguousarray(out["image"]), np.ascontiguousarray(out["right"])
         if self.aug_prob > 0.0:
             left, right = self._augment(left, right)
         if self.swap_prob > 0.0 and self._rng.random() < self.swap_prob:
@@ -158,8 +190,18 @@ class StereoAugment:
         return np.ascontiguousarray(left), np.ascontiguousarray(right)
 
     def __repr__(self) -> str:
+        scale = (f", scale_prob={self.scale_prob}, scale_range={self.scale_range}, scale_pad={self.scale_pad!r}"
+                 if self.scale_prob else "")
         return (f"StereoAugment(aug_prob={self.aug_prob}, stereo_correct={self.stereo_correct}, "
-                f"swap_prob={self.swap_prob})")
+                f"swap_prob={self.swap_prob}{scale})")
+
+
+def augment_from_config(aug, seed: int | None = None, swap: bool = True) -> StereoAugment:
+    """The training augmentation an `AugConfig` describes (`swap=False`: without the left/right swap, e.g. for a
+    feature bank, where the swap is applied on the features instead)."""
+    return StereoAugment(aug_prob=aug.aug_prob, stereo_correct=aug.stereo_correct_aug,
+                         swap_prob=aug.stereo_swap_prob if swap else 0.0, seed=seed, scale_prob=aug.scale_aug_prob,
+                         scale_range=aug.scale_range, scale_pad=aug.scale_pad)
 
 
 def _check_views(left: np.ndarray, right: np.ndarray) -> None:

@@ -243,14 +243,19 @@ def plan_feature_path(cfg) -> FeaturePlan:
     if a.mixup_prob > 0 or a.cutmix_prob > 0:
         return FeaturePlan(False, message="feature cache: off: MixUp/CutMix mix the pixels of two photos, which "
                                           "cached features cannot represent; the frozen backbone runs on pixels")
-    if a.aug_prob > 0 and cfg.cache.bank == 0:
-        return FeaturePlan(False, message="feature cache: off (--feature-bank 0 with --aug-prob > 0): fresh "
+    if a.augmenting and cfg.cache.bank == 0:
+        return FeaturePlan(False, message="feature cache: off (--feature-bank 0 with augmentation on): fresh "
                                           "augmentation on pixels every epoch")
-    if a.aug_prob > 0:
-        key = json.dumps({"aug_prob": a.aug_prob, "stereo_correct": a.stereo_correct_aug, "seed": cfg.seed})
-        return FeaturePlan(True, bank_variants(cfg.cache.bank), key,
+    if a.augmenting:
+        key = {"aug_prob": a.aug_prob, "stereo_correct": a.stereo_correct_aug, "seed": cfg.seed}
+        if a.scale_aug_prob > 0:  # (only then, so banks written before the option keep their key)
+            key.update(scale_prob=a.scale_aug_prob, scale_range=list(a.scale_range), scale_pad=a.scale_pad)
+        scale = (f", --scale-aug-prob {a.scale_aug_prob} range {a.scale_range[0]:g}-{a.scale_range[1]:g} "
+                 f"pad {a.scale_pad}" if a.scale_aug_prob > 0 else "")
+        return FeaturePlan(True, bank_variants(cfg.cache.bank), json.dumps(key),
                            f"feature cache: on for {scope}: a bank of {cfg.cache.bank} pre-augmented variants per "
-                           f"training photo (--aug-prob {a.aug_prob}, stereo-correct {a.stereo_correct_aug}), one "
-                           "drawn per epoch; left/right swap applied on features; validation on the original photos")
+                           f"training photo (--aug-prob {a.aug_prob}, stereo-correct {a.stereo_correct_aug}{scale}), "
+                           "one drawn per epoch; left/right swap applied on features; validation on the original "
+                           "photos")
     return FeaturePlan(True, ("id",), "", f"feature cache: on for {scope}: original photos (--aug-prob 0); "
                                           "left/right swap applied on features")

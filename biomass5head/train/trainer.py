@@ -13,7 +13,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from biomass5head.config import RunConfig
 from biomass5head.constants import AUX_HEADS, TARGET_SHORT, TARGETS
-from biomass5head.data.augment import StereoAugment
+from biomass5head.data.augment import augment_from_config
 from biomass5head.data.datasets import BiomassDataset, FeatureDataset, make_loader, set_epoch
 from biomass5head.data.feature_cache import FeatureCache, ensure_features, plan_feature_path, state_dict_digest
 from biomass5head.data.images import TileSpec
@@ -80,8 +80,7 @@ class FoldTrainer:
 
     def _build_loaders(self, image_cache):
         a, d, seed = self.cfg.aug, self.cfg.data, self.seed
-        augment = StereoAugment(aug_prob=a.aug_prob, stereo_correct=a.stereo_correct_aug,
-                                swap_prob=a.stereo_swap_prob, seed=seed)
+        augment = augment_from_config(a, seed=seed)
         mixer = PairMixer(mixup_prob=a.mixup_prob, mixup_alpha=a.mixup_alpha, cutmix_prob=a.cutmix_prob,
                           cutmix_alpha=a.cutmix_alpha, partners=build_partner_index(self.train_df), seed=seed + 1)
         train_ds = BiomassDataset(self.train_df, self.tiles, augment=augment, mixer=mixer if mixer.enabled else None,
@@ -133,7 +132,7 @@ class FoldTrainer:
         if plan.aug_key:
             table = ensure_features(originals, self.model, val_paths, ["id"], desc=f"fold {self.fold} val features",
                                     **common)
-            augment = StereoAugment(aug_prob=cfg.aug.aug_prob, stereo_correct=cfg.aug.stereo_correct_aug)
+            augment = augment_from_config(cfg.aug, swap=False)  # (the swap is applied on features)
             bank = FeatureCache(root, **key, aug_key=plan.aug_key)
             table.update(ensure_features(bank, self.model, train_paths, plan.variants, augment=augment,
                                          desc=f"fold {self.fold} feature bank", **common))

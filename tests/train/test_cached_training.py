@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from cache_runs import (
@@ -53,7 +54,7 @@ def test_second_fold_and_rerun_reuse_the_cache_from_disk(head_only):
 @pytest.mark.parametrize("args, words", [
     (("--freeze-backbone", "--aug-prob", "0", "--no-feature-cache"), "feature cache: off (--no-feature-cache)"),
     (("--freeze-backbone", "--aug-prob", "0", "--cutmix-prob", "1"), "feature cache: off: MixUp/CutMix"),
-    (("--freeze-backbone", "--feature-bank", "0"), "feature cache: off (--feature-bank 0 with --aug-prob > 0)"),
+    (("--freeze-backbone", "--feature-bank", "0"), "feature cache: off (--feature-bank 0 with augmentation on)"),
     ((), "feature cache: not used (the backbone trains from the first epoch)"),
 ], ids=["no-feature-cache", "cutmix", "bank0", "single-stage"])
 def test_uncached_runs_train_on_pixels_and_leave_the_cache_folder_empty(args, words, tiny_data, tmp_path):
@@ -90,3 +91,26 @@ def test_two_stage_run_uses_a_feature_bank_in_stage_1_and_pixels_in_stage_2(tiny
     first = rec.events.index(("epoch", 0))
     assert {e[0] for e in rec.events[:first]} == {"cache"} and len({e[1] for e in rec.events[:first]}) == 30
     assert rec.events.index(("epoch", 1)) < next(i for i, e in enumerate(rec.events) if e[0] == "pixels")
+
+
+def test_scale_augmentation_of_a_frozen_run_goes_into_the_feature_bank(tiny_data, tmp_path):
+    """--scale-aug-prob with --aug-prob 0: a bank of zoomed variants (their features differ from the originals'),
+    stored under a key that names the zoom; validation stays on the original photos."""
+    cache = tmp_path / "cache"
+    rec = train(tiny_data, tmp_path / "run", cache, "--freeze-backbone", "--aug-prob", "0", "--scale-aug-prob", "1",
+                "--scale-range", "0.5", "0.7", "--scale-pad", "grey", "--feature-bank", "2", "--train-folds", "0")
+    assert any("a bank of 2 pre-augmented variants" in m and "--scale-aug-prob 1.0 range 0.5-0.7 pad grey" in m
+               for m in rec.log)
+    (train_ds,) = rec.datasets  # one epoch
+    assert isinstance(train_ds, FeatureDataset) and train_ds.variants == ["aug0", "aug1"]
+    keys = {d: json.loads((d / "key.json").read_text())["aug"] for d in cache.iterdir() if d.is_dir()}
+    (bank,) = [d for d, aug in keys.items() if aug]  # beside it the originals, for validation
+    key = json.loads(keys[bank])
+    assert key["scale_prob"] == 1.0 and key["scale_range"] == [0.5, 0.7] and key["scale_pad"] == "grey"
+    files = sorted(bank.glob("*.npy"))
+    assert len(files) == 24 * 2 and {f.stem.rsplit("_", 1)[1] for f in files} == {"aug0", "aug1"}
+    (original,) = [d for d in keys if d != bank]
+    for digest in {f.stem.rsplit("_", 1)[0] for f in files}:
+        aug0, aug1 = (np.load(bank / f"{digest}_{v}.npy") for v in ("aug0", "aug1"))
+        assert not np.allclose(aug0, aug1)  # two different zooms of the photo
+        assert not (original / f"{digest}_id.npy").exists()  # training photos are only read zoomed
