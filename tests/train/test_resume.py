@@ -22,6 +22,9 @@ MODES = {
     "two_stage_in_stage_1": (["--two-stage", "--freeze-epochs", "2", "--aug-prob", "0"], 1),
     "two_stage_in_stage_2": (["--two-stage", "--freeze-epochs", "2"], 3),
     "cached": (["--freeze-backbone", "--aug-prob", "0"], 2),
+    # the weight average and the interval heads' bins are part of what a resumed fold must get back
+    "cached_ema_interval_heads": (["--freeze-backbone", "--aug-prob", "0", "--ema-decay", "0.9",
+                                   "--interval-heads", "3"], 2),
 }
 # The single-stage case runs by default; the others in .ci/run's slow pass (they take 4-6 s each on 2 cores).
 MODE_PARAMS = [pytest.param(m, marks=[] if m == "single_stage" else [pytest.mark.slow]) for m in sorted(MODES)]
