@@ -90,22 +90,24 @@ def test_every_option_reaches_the_config():
         "--cv-strategy", "group_date_state_bin", "--fold-csv", "f.csv", "--device-type", "cpu", "--seed", "7",
         "--check-photos", "full", "--allow-any-aspect", "--save-every", "60", "--keep-last",
         "--select-on", "inner", "--inner-frac", "0.3", "--recipe", "robust", "--compile",
-        "--tile-feature", "patch_mean", "--ema-decay", "0.99")
+        "--tile-feature", "patch_mean", "--ema-decay", "0.99", "--interval-heads", "7", "--interval-weight", "0.4",
+        "--scale-aug-prob", "0.3", "--scale-range", "0.6", "1.4", "--scale-pad", "grey")
     assert cfg.to_dict() == {
         "model": {"backbone": "vit_small_patch14_dinov2.lvd142m", "grid": [1, 3], "img_size": 224, "dropout": 0.3,
                   "hidden_ratio": 0.25, "film": False, "attention_pool": False, "grad_ckpt": True,
                   "use_aux_heads": True, "pretrained": True, "backbone_weights": "w.safetensors",
                   "ridge_base": False,  # the robust recipe's ridge needs --freeze-backbone
-                  "tile_feature": "patch_mean"},
+                  "tile_feature": "patch_mean", "interval_heads": 7},
         "data": {"base_path": "B", "batch_size": 3, "num_workers": 2, "cache_images": True, "prefetch_factor": 2,
                  "num_folds": 4, "train_folds": [1, 3], "cv_strategy": "group_date_state_bin", "fold_csv": "f.csv",
                  "check_photos": "full", "allow_any_aspect": True},
         "aug": {"aug_prob": 0.7, "stereo_correct_aug": True, "stereo_swap_prob": 0.5, "mixup_prob": 0.2,
-                "mixup_alpha": 0.3, "cutmix_prob": 0.1, "cutmix_alpha": 0.8},
+                "mixup_alpha": 0.3, "cutmix_prob": 0.1, "cutmix_alpha": 0.8, "scale_aug_prob": 0.3,
+                "scale_range": [0.6, 1.4], "scale_pad": "grey"},
         "loss": {"target_weights": [0.1, 0.1, 0.1, 0.2, 0.5], "constraint_weight": 0.2, "use_focal_loss": True,
                  "use_dead_aware_loss": True, "huber_for_dead": False, "aux_state_weight": 0.5,
                  "aux_month_weight": 0.4, "aux_species_weight": 0.25, "use_log_target": True,
-                 "target_transform": None},  # --use-log-target given: the recipe's sqrt yields to it
+                 "target_transform": None, "interval_weight": 0.4},  # --use-log-target given: the recipe's sqrt yields to it
         "post": {"correction_threshold": 0.3, "always_correct_dead": True, "apply_context_adjustment": True},
         "cache": {"enabled": True, "dir": None, "bank": 4},
         "train": {"epochs": 7, "grad_accum": 4, "grad_clip": 0.5, "patience": 3, "lr": 3e-4, "backbone_lr": 2e-5,
