@@ -107,7 +107,8 @@ def test_every_option_reaches_the_config():
         "loss": {"target_weights": [0.1, 0.1, 0.1, 0.2, 0.5], "constraint_weight": 0.2, "use_focal_loss": True,
                  "use_dead_aware_loss": True, "huber_for_dead": False, "aux_state_weight": 0.5,
                  "aux_month_weight": 0.4, "aux_species_weight": 0.25, "use_log_target": True,
-                 "target_transform": None, "interval_weight": 0.4},  # --use-log-target given: the recipe's sqrt yields to it
+                 "target_transform": None,  # --use-log-target given: the recipe's sqrt yields to it
+                 "interval_weight": 0.4},
         "post": {"correction_threshold": 0.3, "always_correct_dead": True, "apply_context_adjustment": True},
         "cache": {"enabled": True, "dir": None, "bank": 4},
         "train": {"epochs": 7, "grad_accum": 4, "grad_clip": 0.5, "patience": 3, "lr": 3e-4, "backbone_lr": 2e-5,

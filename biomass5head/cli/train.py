@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what each tile gives FiLM and pooling: the CLS token (default, the reference), the mean of "
                         "its patch tokens, or both concatenated (twice the feature size)")
     g.add_argument("--interval-heads", type=int, default=0, metavar="K",
-                   help="auxiliary heads classify each target into up to K quantile bins of the training fold (0 gets "
-                        "a bin of its own for zero-inflated targets; tied edges merge); default 0: off")
+                   help="auxiliary heads classify each target into up to K (2-50) quantile bins of the training "
+                        "fold; a zero-inflated target gets a bin of its own for the value 0, tied edges merge "
+                        "(default 0: off)")
     g.add_argument("--interval-weight", type=float, default=0.3, metavar="W",
                    help="weight of the interval heads' cross-entropy beside the regression loss (default 0.3)")
     g.add_argument("--ridge-base", action="store_true",

@@ -75,8 +75,9 @@ class BiomassDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         views = self.load(i)
         target = self.targets[i].copy()
-        if self.mixer is not None and self.mixer.enabled:
-            views, target, _ = self.mixer(i, views, target, lambda j: (self.load(j), self.targets[j]))
+        mixing = self.mixer is not None and self.mixer.enabled
+        if mixing:
+            views, target, info = self.mixer(i, views, target, lambda j: (self.load(j), self.targets[j]))
         left, right = views
         if self.augment is not None:
             left, right = self.augment(left, right)
@@ -86,6 +87,10 @@ class BiomassDataset(Dataset):
             "target": torch.as_tensor(np.asarray(target, np.float32)),
             "index": i,
         }
+        if mixing:  # the two photos' own targets and the mix, for losses that need each side (interval heads)
+            partner = self.targets[info["partner"]] if info["partner"] >= 0 else self.targets[i]
+            item.update(mix_targets=torch.as_tensor(np.stack([self.targets[i], partner]).astype(np.float32)),
+                        mix_lam=torch.tensor(info["lam"], dtype=torch.float32))
         for head, labels in self.labels.items():
             item[head] = int(labels[i])
         return item

@@ -73,10 +73,7 @@ def load_fold_model(path: Path, opts: InferenceOptions, device: torch.device) ->
     if opts.cfg.post.apply_context_adjustment and not ckpt.get("context_ratios"):
         raise RunError(f"checkpoint {path} has no context ratios, but the run applies the context adjustment")
     cfg = replace(cfg, model=replace(cfg.model, img_size=opts.cfg.model.img_size, grad_ckpt=False))
-    bins = ckpt.get("interval_bins")
-    if cfg.model.interval_heads and not bins:
-        raise RunError(f"checkpoint {path} was trained with --interval-heads but holds no interval bins")
-    model = build_model(cfg, pretrained=False, interval_bins=IntervalBins.from_dict(bins) if bins else None)
+    model = build_model(cfg, pretrained=False, interval_bins=_interval_bins(ckpt, cfg, path))
     try:
         model.load_state_dict(fit_pos_embed(ckpt["model"], model))
     except RuntimeError as exc:
@@ -85,6 +82,22 @@ def load_fold_model(path: Path, opts: InferenceOptions, device: torch.device) ->
     model.to(device).eval()
     return FoldModel(int(ckpt["fold"]), model, TargetTransform.from_dict(ckpt["target_transform"]),
                      ckpt.get("context_ratios"))
+
+
+def _interval_bins(ckpt: dict, cfg: RunConfig, path: Path) -> IntervalBins | None:
+    """The fold's interval bins a checkpoint of an --interval-heads run holds (they size the heads)."""
+    if not cfg.model.interval_heads:
+        return None
+    if not ckpt.get("interval_bins"):
+        raise RunError(f"checkpoint {path} was trained with --interval-heads but holds no interval bins")
+    try:
+        bins = IntervalBins.from_dict(ckpt["interval_bins"])
+    except ValueError as exc:
+        raise RunError(f"checkpoint {path}: {exc}") from exc
+    if bins.k != cfg.model.interval_heads:
+        raise RunError(f"checkpoint {path}: interval bins fitted for K={bins.k}, its configuration says "
+                       f"--interval-heads {cfg.model.interval_heads}")
+    return bins
 
 
 def backbone_digests(folds: list[FoldModel]) -> list[str]:

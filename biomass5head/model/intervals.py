@@ -5,6 +5,7 @@ Zero-inflated targets (Clover is exactly 0 in about 40% of the real photos, Dead
 own for 0 when at least ``zero_share_min(K)`` of the fold's values are 0; their other K - 1 bins are quantiles of the
 positive values. Quantile edges that coincide (tied values) are merged, so a target may end with fewer than K bins.
 Labels follow ``np.searchsorted(edges, value, side="right")``: a value equal to an edge belongs to the bin above it.
+Edges are values of the fold (quantiles by the inverted CDF), so no bin is empty on the training values.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class IntervalBins:
         """Quantile bins from the training fold's (N, 5) targets in grams."""
         if not 2 <= k <= MAX_BINS:
             raise ValueError(f"--interval-heads must be between 2 and {MAX_BINS} bins, got {k}")
-        y = np.asarray(y_grams, dtype=np.float64)
+        # float32 values (what batches carry), so an edge that is a data value compares equal to it in `labels`.
+        y = np.asarray(y_grams, dtype=np.float32).astype(np.float64)
         if y.ndim != 2 or y.shape[1] != len(TARGETS) or len(y) == 0 or not np.all(np.isfinite(y)):
             raise ValueError(f"interval bins need finite (N>0, {len(TARGETS)}) targets, got shape {y.shape}")
         bins = []
@@ -54,7 +56,10 @@ class IntervalBins:
             zero_bin = float(np.mean(values <= 0)) >= zero_share_min(k)
             rest = values[values > 0] if zero_bin else values
             n = k - 1 if zero_bin else k
-            edges = np.unique(np.quantile(rest, np.arange(1, n) / n)) if len(rest) and n > 1 else np.zeros(0)
+            # inverted_cdf: every edge is one of the fold's values, so each bin holds at least the value at its lower
+            # edge (no empty bin, however few values per bin).
+            edges = (np.unique(np.quantile(rest, np.arange(1, n) / n, method="inverted_cdf"))
+                     if len(rest) and n > 1 else np.zeros(0))
             if len(rest):  # an edge at the smallest value would leave the bin below it empty (ties at the minimum)
                 edges = edges[edges > rest.min()]
             bins.append(TargetBins(zero_bin, tuple(float(e) for e in edges)))

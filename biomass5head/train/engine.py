@@ -43,8 +43,21 @@ def _count_correct(out: dict, labels: dict, sums: dict) -> None:
         sums[f"correct_{head}"] += int((out[head].argmax(1)[valid] == labels[head][valid]).sum())
 
 
+def _bin_labels(bins, batch: dict, device):
+    """--interval-heads: the bins of the batch's true grams; for a MixUp/CutMix batch the bins of both photos' own
+    values and the mix (`losses.BiomassLoss.interval_loss`)."""
+    if "mix_targets" in batch:
+        pair = batch["mix_targets"].to(device)  # (B, 2, 5): each image's own targets and its partner's
+        return bins.labels(pair[:, 0]), bins.labels(pair[:, 1]), batch["mix_lam"].to(device)
+    return bins.labels(batch["target"].to(device))
+
+
 def _count_interval(log_probs, labels, sizes, sums: dict) -> None:
-    """Correct interval-bin predictions per target (--interval-heads)."""
+    """Correct interval-bin predictions per target (--interval-heads); for a mixed image, against the bin of the
+    photo with the larger share."""
+    if isinstance(labels, tuple):
+        first, second, lam = labels
+        labels = torch.where((lam >= 0.5)[:, None], first, second)
     for j, block in enumerate(split_log_probs(log_probs, sizes)):
         sums[f"correct_interval_{TARGET_SHORT[j]}"] += int((block.argmax(1) == labels[:, j]).sum())
     sums["n_interval"] += len(labels)
@@ -78,7 +91,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, s
         data_time += time.perf_counter() - tick
         target = transform.encode(batch["target"].to(device))
         labels = _aux_labels(batch, device)
-        bin_labels = bins.labels(batch["target"].to(device)) if bins is not None else None  # bins of true grams
+        bin_labels = _bin_labels(bins, batch, device) if bins is not None else None
         stepping = (step + 1) % grad_accum == 0 or step + 1 == n_batches
         with model.no_sync() if not stepping and hasattr(model, "no_sync") else contextlib.nullcontext():
             with autocast:

@@ -74,8 +74,9 @@ class BiomassLoss(nn.Module):
 
     aux: ``aux_weights[h] * CE(logits_h, labels_h)`` with ``ignore_index=IGNORE_INDEX``.
 
-    interval (``interval_bins`` set, --interval-heads): ``interval_weight`` times the mean over the five targets of
-    the cross-entropy of each target's interval head against the bin of its true value.
+    interval (``interval_bins`` set, --interval-heads): ``interval_weight`` times the (unweighted) mean over the five
+    targets of the cross-entropy of each target's interval head against the bin of its true value (of both photos'
+    values, weighted by the mix, for a MixUp/CutMix image).
     """
 
     def __init__(
@@ -153,13 +154,22 @@ class BiomassLoss(nn.Module):
             out[f"aux_{head}"] = self.aux_weights[head] * aux_cross_entropy(aux_logits[head], labels)
         return out
 
-    def interval_loss(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Weighted mean over targets of the interval heads' cross-entropy; `log_probs` (B, sum of bins) as the
-        model gives them, `labels` (B, 5) from ``interval_bins.labels``."""
+    def interval_loss(self, log_probs: torch.Tensor, labels) -> torch.Tensor:
+        """``interval_weight`` times the mean over targets of the interval heads' cross-entropy. `log_probs` (B, sum of
+        bins) as the model gives them; `labels` (B, 5) from ``interval_bins.labels``, or for a MixUp/CutMix batch
+        ``(labels_a, labels_b, lam)``: the bins of both photos' own values, each side's cross-entropy weighted by its
+        share of the mix (the bin of a mixed value would be neither photo's)."""
         if log_probs is None or labels is None:
             raise ValueError("interval heads are on (interval_bins set) but their outputs / labels were not given")
-        blocks = split_log_probs(log_probs.float(), self.interval_bins.sizes)
-        ce = [F.nll_loss(block, labels[:, j].long().to(block.device)) for j, block in enumerate(blocks)]
+        first, second, lam = labels if isinstance(labels, tuple) else (labels, labels, None)
+        ce = []
+        for j, block in enumerate(split_log_probs(log_probs.float(), self.interval_bins.sizes)):
+            nll = F.nll_loss(block, first[:, j].long().to(block.device), reduction="none")
+            if lam is not None:
+                lam_ = lam.to(block.device).float()
+                nll = lam_ * nll + (1 - lam_) * F.nll_loss(block, second[:, j].long().to(block.device),
+                                                           reduction="none")
+            ce.append(nll.mean())
         return self.interval_weight * torch.stack(ce).mean()
 
     def forward(self, pred, target, aux_logits=None, aux_labels=None, interval_log_probs=None, interval_labels=None):

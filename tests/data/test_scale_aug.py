@@ -46,6 +46,10 @@ def test_zoom_out_with_reflect_pad_fills_the_border_with_the_photo():
     assert not _grey(out_l).any()
     assert out_l.max() < 100  # only the photo's own colours (no fill)
     assert abs(out_l[:10].mean() - left.mean()) < 5
+    # ... and the photo itself at half size in the middle: its 2x2 block means, not the photo's own middle.
+    half = left.reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
+    assert np.abs(out_l[16:48, 16:48].astype(float) - half).mean() < 8
+    assert np.abs(out_l[16:48, 16:48].astype(float) - left[16:48, 16:48]).mean() > 20
 
 
 def test_zoom_in_enlarges_the_centre_and_crops_the_edges():
@@ -58,18 +62,35 @@ def test_zoom_in_enlarges_the_centre_and_crops_the_edges():
     np.testing.assert_array_equal(out_l, out_r)
 
 
-def test_the_factor_is_drawn_from_the_range_and_stays_shared_under_stereo_correct_augmentation():
+def test_the_factor_is_drawn_from_the_range():
     left, right = _views()
-    aug = StereoAugment(aug_prob=0.0, stereo_correct=True, scale_prob=1.0, scale_range=(0.5, 0.9),
-                        scale_pad="grey", seed=3)
+    aug = StereoAugment(aug_prob=0.0, scale_prob=1.0, scale_range=(0.5, 0.9), scale_pad="grey", seed=3)
     borders = set()
     for _ in range(20):
         out_l, out_r = aug(left, right)
         grey_l = _grey(out_l)
-        np.testing.assert_array_equal(grey_l, _grey(out_r))  # stereo-correct splits photometrics, not the zoom
+        np.testing.assert_array_equal(grey_l, _grey(out_r))
         borders.add(int(grey_l.all(axis=1).sum()))
     assert len(borders) >= 4  # factors vary from draw to draw
     assert max(borders) <= int(0.5 * H) + 2 and min(borders) >= int(0.1 * H) - 2
+
+
+def test_stereo_correct_augmentation_splits_the_colours_but_not_the_zoom():
+    """With every transform on and per-view colour changes, a white square in the middle of both views still has
+    the same place and size on both (the zoom and the geometry are shared), while the pixels differ."""
+    view = np.zeros((128, 128, 3), np.uint8)
+    view[48:80, 48:80] = 255
+    aug = StereoAugment(aug_prob=1.0, stereo_correct=True, scale_prob=1.0, scale_range=(0.5, 1.5), seed=5)
+    areas, differ = [], 0
+    for _ in range(12):
+        out_l, out_r = aug(view, view.copy())
+        mask_l, mask_r = out_l.mean(-1) > 128, out_r.mean(-1) > 128
+        iou = (mask_l & mask_r).sum() / max(1, (mask_l | mask_r).sum())
+        assert iou > 0.8
+        areas.append(int(mask_l.sum()))
+        differ += not np.array_equal(out_l, out_r)
+    assert differ >= 10  # the colours were drawn per view
+    assert max(areas) > 2 * min(areas)  # zoom factors from 0.5 to 1.5: areas from 1/4 to 9/4 of the square
 
 
 def test_probability_zero_is_the_identity_and_the_zoom_needs_no_aug_prob():
@@ -112,5 +133,5 @@ def test_a_frozen_run_bakes_the_zoom_into_the_feature_bank():
     assert key["scale_prob"] == 0.5 and key["scale_range"] == [0.75, 1.25] and key["scale_pad"] == "reflect"
     other = plan_feature_path(parse("--aug-prob", "0", "--scale-aug-prob", "0.5", "--scale-pad", "grey"))
     assert other.aug_key != zoom.aug_key
-    # Banks written without the option keep their key.
-    assert "scale_prob" not in json.loads(plan_feature_path(parse()).aug_key)
+    # Banks written without the option keep the key they had before it existed.
+    assert plan_feature_path(parse()).aug_key == json.dumps({"aug_prob": 0.5, "stereo_correct": False, "seed": 18})

@@ -2,19 +2,17 @@
 zero-inflated, tied edges merged), one linear classifier per target, and the cross-entropy they add to the loss."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from biomass5head.constants import CLOVER, DEAD, GDM, GREEN, TARGETS, TOTAL
+from biomass5head.constants import CLOVER, DEAD, GDM, GREEN, TOTAL
 from biomass5head.model.intervals import IntervalBins, interval_accuracy, split_log_probs
 from biomass5head.model.targets import TargetTransform
 from biomass5head.train.losses import BiomassLoss
 
-REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "trainfold.csv"
+# Shares of exact zeros per target in the competition's 357 training rows (trainfold.csv).
+REAL_ZERO_SHARE = {GREEN: 18 / 357, DEAD: 40 / 357, CLOVER: 135 / 357, GDM: 0.0, TOTAL: 0.0}
 
 
 def _targets(n=400, seed=0):
@@ -56,13 +54,27 @@ def test_a_value_on_an_edge_belongs_to_the_bin_above():
     assert labels[:, GREEN].tolist() == [0, 1, 1, 0]
 
 
-def test_bins_of_the_real_training_table():
-    df = pd.read_csv(REAL)
-    bins = IntervalBins.fit(df[list(TARGETS)].to_numpy(np.float64), 7)
+def test_bins_for_the_zero_shares_of_the_real_table():
+    rng = np.random.default_rng(1)
+    y = rng.gamma(2.0, 15.0, size=(357, 5))
+    for j, share in REAL_ZERO_SHARE.items():
+        y[rng.permutation(357)[: round(share * 357)], j] = 0.0
+    bins = IntervalBins.fit(y, 7)  # zero bin from 1/14 = 7.1% zeros
     assert bins.targets[CLOVER].zero_bin and bins.targets[DEAD].zero_bin  # 38% and 11% zeros
+    assert not bins.targets[GREEN].zero_bin  # 5%: under half a bin's share
     assert not bins.targets[TOTAL].zero_bin and not bins.targets[GDM].zero_bin
-    assert not bins.targets[GREEN].zero_bin  # 5% zeros: under half a bin's share (1/14)
     assert bins.sizes == (7, 7, 7, 7, 7)
+    assert IntervalBins.fit(y, 10).targets[GREEN].zero_bin  # 1/20 = 5%: Green's zeros now fill half a bin
+
+
+def test_no_bin_is_empty_even_with_few_values_per_bin():
+    y = np.random.default_rng(2).gamma(2.0, 10.0, size=(8, 5)).astype(np.float32)
+    bins = IntervalBins.fit(y, 20)
+    labels = bins.labels(torch.as_tensor(y))
+    for j, n in enumerate(bins.sizes):
+        assert n <= 8 and set(labels[:, j].tolist()) == set(range(n))  # every bin holds a training value
+    # Training values are float32 in batches: each one lands in the bin its own edge opens.
+    assert (labels[:, TOTAL].sort().values == torch.arange(8)).all()
 
 
 def test_round_trip_through_plain_data():
@@ -93,6 +105,23 @@ def test_the_loss_adds_weighted_mean_cross_entropy():
     assert total.item() == pytest.approx(base.item() + 0.3 * by_hand, rel=1e-5)
     with pytest.raises(ValueError, match="interval heads are on"):
         with_heads(pred, pred)
+
+
+def test_a_mixed_image_counts_both_photos_bins_by_their_share():
+    y = torch.as_tensor(_targets(8), dtype=torch.float32)
+    bins = IntervalBins.fit(y.numpy(), 4)
+    loss_fn = BiomassLoss(TargetTransform.fit(y.numpy()), interval_bins=bins, interval_weight=1.0)
+    torch.manual_seed(0)
+    log_probs = torch.cat([torch.randn(8, n).log_softmax(1) for n in bins.sizes], 1)
+    a, b = bins.labels(y), bins.labels(y.flip(0))
+    lam = torch.linspace(0, 1, 8)
+    mixed = loss_fn.interval_loss(log_probs, (a, b, lam))
+    blocks = split_log_probs(log_probs, bins.sizes)
+    by_hand = np.mean([(lam * -blk.gather(1, a[:, [j]])[:, 0] + (1 - lam) * -blk.gather(1, b[:, [j]])[:, 0]).mean()
+                       for j, blk in enumerate(blocks)])
+    assert mixed.item() == pytest.approx(float(by_hand), rel=1e-5)
+    assert loss_fn.interval_loss(log_probs, (a, b, torch.ones(8))).item() == pytest.approx(
+        loss_fn.interval_loss(log_probs, a).item(), rel=1e-6)  # lam = 1: the photo's own bins only
 
 
 def test_training_the_heads_learns_the_bins_and_weight_zero_leaves_them_untouched():

@@ -67,6 +67,7 @@ def test_a_stopped_and_resumed_run_ends_like_an_uninterrupted_one(mode, tiny_dat
         a = torch.load(tmp_path / "a" / "run" / f"5head_best_fold{fold}.pth", weights_only=True)
         b = torch.load(stopped / f"5head_best_fold{fold}.pth", weights_only=True)
         assert (a["epoch"], a["best_score"]) == (b["epoch"], pytest.approx(b["best_score"], abs=1e-9))
+        assert a["interval_bins"] == b["interval_bins"]  # (None without --interval-heads)
         for name, tensor in a["model"].items():
             torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-6)
         log_a = pd.read_csv(tmp_path / "a" / "run" / f"log_fold{fold}.csv").drop(columns=TIMING)
