@@ -27,7 +27,7 @@ COMMON = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--gr
           "--device-type", "cpu", "--amp-dtype", "float32", "--train-folds", "0"]
 # Deterministic: no dropout, no augmentation, no view swap; the same shuffling on 1 and 2 ranks (make_loader).
 DETERMINISTIC = ["--dropout", "0", "--aug-prob", "0", "--stereo-swap-prob", "0", "--epochs", "3", "--patience", "9",
-                 "--keep-last"]
+                 "--keep-last", "--interval-heads", "3"]  # (the interval loss and accuracies are summed over ranks too)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,8 @@ def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(ddp_data, one_rank,
           f"{loss_diff.round(8).tolist()}, max weight diff {weight_diff:.2e}; torchrun command {seconds:.1f}s")
     assert loss_diff.max() < 1e-4
     assert weight_diff < 1e-4
+    for col in ("train_interval", "train_acc_interval", "val_acc_interval"):
+        np.testing.assert_allclose(log2[col], log1[col], rtol=1e-4, atol=1e-6, err_msg=col)
 
     # Validation: each rank predicted its share of 7 images; the gathered score is the whole fold's, once.
     s1, s2 = (json.loads((d / "summary.json").read_text())["folds"]["0"] for d in (one, two))
