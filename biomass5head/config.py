@@ -208,6 +208,7 @@ class TrainConfig:
     keep_last: bool = False
     select_on: str = "fold"  # "fold" (the reference: the scored fold) or "inner" (an inner split of the training folds)
     inner_frac: float = 0.2
+    refit: bool = False  # with select_on inner: train each fold again on all its training images (train/refit.py)
     compile: bool = False  # torch.compile the backbone (pixel epochs)
     ema_decay: float = 0.0  # > 0: an exponential moving average of the weights is validated and saved
 
@@ -226,6 +227,8 @@ class TrainConfig:
         _check(self.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
         _check(self.select_on in SELECT_ON, f"--select-on must be one of {', '.join(SELECT_ON)}, got {self.select_on}")
         _check(0.0 < self.inner_frac <= 0.5, f"--inner-frac must be in (0, 0.5], got {self.inner_frac}")
+        _check(not self.refit or self.select_on == "inner",
+               "--refit needs --select-on inner (it retrains up to the epoch chosen on the inner split)")
         _check(self.save_every >= 0 and math.isfinite(self.save_every),
                f"--save-every must be a number of seconds >= 0, got {self.save_every}")
 

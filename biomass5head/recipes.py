@@ -10,13 +10,21 @@ ROBUST: dict[str, object] = {
     "select_on": "inner",
     "target_transform": "sqrt",
     "ridge_base": True,
+    "refit": True,
 }
 
 RECIPE_DEFAULTS: dict[str, dict[str, object]] = {"reference": {}, "robust": ROBUST}
 # A recipe value that another option given on the command line overrides (--use-log-target means log1p).
 RECIPE_YIELDS: dict[str, tuple[str, ...]] = {"target_transform": ("use_log_target",)}
-# A recipe value that applies only with another option on (the ridge is fitted on frozen features).
-RECIPE_NEEDS: dict[str, str] = {"ridge_base": "freeze_backbone"}
+# A recipe value that applies only where another option has a value (the ridge is fitted on frozen features; the
+# refit retrains up to the epoch chosen on the inner split).
+RECIPE_NEEDS: dict[str, tuple[str, object]] = {"ridge_base": ("freeze_backbone", True), "refit": ("select_on", "inner")}
+
+
+def applies(dest: str, values: dict) -> bool:
+    """Whether a recipe's value for option `dest` applies, given the values the run will have (RECIPE_NEEDS)."""
+    need = RECIPE_NEEDS.get(dest)
+    return need is None or values.get(need[0]) == need[1]
 
 
 def describe(recipe: str) -> str:

@@ -115,7 +115,7 @@ def test_every_option_reaches_the_config():
                   "weight_decay": 0.05, "warmup_epochs": 1, "two_stage": True, "freeze_epochs": 2,
                   "head_lr_stage1": 5e-4, "freeze_backbone": False, "amp_dtype": "bfloat16", "save_every": 60.0,
                   "keep_last": True, "select_on": "inner", "inner_frac": 0.3, "compile": True,
-                  "ema_decay": 0.99},
+                  "ema_decay": 0.99, "refit": True},  # (from the robust recipe)
         "output_dir": "O", "device_type": "cpu", "seed": 7, "recipe": "robust",
     }
 

@@ -44,7 +44,7 @@ from biomass5head.config import (
     TrainConfig,
 )
 from biomass5head.constants import CV_STRATEGIES
-from biomass5head.recipes import RECIPE_DEFAULTS, RECIPE_NEEDS, RECIPE_YIELDS
+from biomass5head.recipes import RECIPE_DEFAULTS, RECIPE_YIELDS, applies
 from biomass5head.recipes import describe as describe_recipe
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
     """The namespace with the --recipe's values for every option the command line did not give."""
     given = getattr(args, "_given", frozenset())
     values = {k: v for k, v in RECIPE_DEFAULTS[args.recipe].items()
-              if k not in given and not given & set(RECIPE_YIELDS.get(k, ()))
-              and (k not in RECIPE_NEEDS or getattr(args, RECIPE_NEEDS[k]))}
+              if k not in given and not given & set(RECIPE_YIELDS.get(k, ()))}
+    values = {k: v for k, v in values.items() if applies(k, {**vars(args), **values})}
     if values:
         logger.info("--recipe %s: %s", args.recipe, ", ".join(f"{k} {v}" for k, v in values.items()))
     return argparse.Namespace(**{**vars(args), **values})
@@ -119,9 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interval-weight", type=float, default=0.3, metavar="W",
                    help="weight of the interval heads' cross-entropy beside the regression loss (default 0.3)")
     g.add_argument("--ridge-base", action="store_true",
-                   help="with --freeze-backbone: the heads learn a residual over a ridge regression fitted on the "
-                        "training images' mean tile features (alpha chosen on the selection images); the heads' "
-                        "last layers start at zero, so training starts from the ridge's predictions")
+                   help="with --freeze-backbone: the heads learn a residual over a ridge regression on the training "
+                        "images' mean tile features (alpha chosen on the selection images), starting from zero")
 
     g = p.add_argument_group("Training configuration")
     g.add_argument("--epochs", type=int, default=50)
@@ -215,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "folds, grouped like --cv-strategy (an honest OOF score)")
     g.add_argument("--inner-frac", type=float, default=0.2,
                    help="share of each fold's training images held out for --select-on inner")
+    g.add_argument("--refit", action="store_true",
+                   help="with --select-on inner: train each fold again on all its training images, to the epoch chosen")
     g.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
                    help="validate and save an exponential moving average of the weights, updated every optimizer "
                         "step with decay D (e.g. 0.99; default 0: off, the reference)")
@@ -284,8 +285,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           warmup_epochs=warmup_epochs, two_stage=args.two_stage, freeze_epochs=freeze_epochs,
                           head_lr_stage1=args.head_lr_stage1, freeze_backbone=args.freeze_backbone,
                           amp_dtype=args.amp_dtype, save_every=args.save_every, keep_last=args.keep_last,
-                          select_on=args.select_on, inner_frac=args.inner_frac, compile=args.compile,
-                          ema_decay=args.ema_decay),
+                          select_on=args.select_on, inner_frac=args.inner_frac, refit=args.refit,
+                          compile=args.compile, ema_decay=args.ema_decay),
         cache=CacheConfig(enabled=not args.no_feature_cache, dir=args.feature_cache, bank=args.feature_bank),
         output_dir=args.output_dir,
         device_type=args.device_type,

@@ -66,19 +66,19 @@ class RidgeBase(nn.Module):
 
 
 def fit_ridge_base(base: RidgeBase, fit_feats: np.ndarray, fit_t: np.ndarray, select_feats: np.ndarray,
-                   select_grams: np.ndarray, decode, score) -> float:
-    """Fit `base` on the fitting images and return the alpha chosen on the selection images.
+                   select_grams: np.ndarray, decode, score, alphas=ALPHAS) -> float:
+    """Fit `base` on the fitting images and return the alpha of `alphas` chosen on the selection images.
 
     `fit_feats` / `select_feats`: (N, 2, T, D) tile features; `fit_t`: (N, 5) targets in model space; `decode`:
-    model space -> grams; `score(true_grams, pred_grams)`: higher is better (the primary metric). The features
-    are standardised with the fitting images' mean and std."""
+    model space -> grams; `score(true_grams, pred_grams)`: higher is better (the primary metric; None: the first
+    alpha). The features are standardised with the fitting images' mean and std."""
     x = fit_feats.mean(axis=(1, 2), dtype=np.float64)  # the mean over both views' tiles, as mean_tile_feature
-    mean, std, fits = ridge_solutions(x, fit_t, ALPHAS)
+    mean, std, fits = ridge_solutions(x, fit_t, alphas)
     xs = (select_feats.mean(axis=(1, 2), dtype=np.float64) - mean) / std
-    scores = [score(select_grams, decode(np.maximum(xs @ w + b, MIN_TARGET))) for w, b in fits]
+    scores = [score(select_grams, decode(np.maximum(xs @ w + b, MIN_TARGET))) for w, b in fits] if score else [0.0]
     best = int(np.argmax(scores))
     base.set(mean, std, *fits[best])
-    return float(ALPHAS[best])
+    return float(alphas[best])
 
 
 def ridge_offset(base: RidgeBase | None, left: torch.Tensor, right: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from biomass5head.constants import AUX_HEADS, TARGET_SHORT
+from biomass5head.constants import AUX_HEADS, TARGET_SHORT, TARGETS
 from biomass5head.device import Runtime
 from biomass5head.model.intervals import split_log_probs
 from biomass5head.model.predict import forward_batch
@@ -147,3 +147,17 @@ def _optimizer_step(optimizer, scaler, grad_clip: float) -> None:
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def epoch_row(epoch: int, stage: str, lrs: dict, tr: dict, val: dict, improved: bool) -> dict:
+    """One row of log_fold{k}.csv: learning rates, training losses, validation scores (post-processed, and raw)."""
+    row = {"epoch": epoch, "stage": stage, **lrs}
+    row.update({f"train_{k}": v for k, v in tr.items() if k not in ("seconds", "samples_per_s", "data_time")})
+    row["val_weighted_r2_raw"] = val["raw"]["weighted_r2"]
+    row["val_weighted_r2"] = val["post"]["weighted_r2"]
+    row["val_weighted_r2_mean_per_target"] = val["post"]["weighted_r2_mean_per_target"]
+    for name, short in zip(TARGETS, TARGET_SHORT, strict=True):
+        row[f"val_r2_{short}"] = val["post"]["per_target"][name]["r2"]
+    row.update(val["acc"])
+    row.update(seconds=tr["seconds"], samples_per_s=tr["samples_per_s"], best=improved)
+    return row

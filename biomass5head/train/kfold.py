@@ -34,6 +34,7 @@ from biomass5head.interrupt import Stopped
 from biomass5head.model.checkpoint import checkpoint_name, find_checkpoints
 from biomass5head.model.five_head import build_model, describe
 from biomass5head.plots import plot_learning_curves
+from biomass5head.train.refit import RefitTrainer, refit_state_name
 from biomass5head.train.resume import last_state_name
 from biomass5head.train.shared_run import (
     config_differences,
@@ -135,6 +136,7 @@ def _run(cfg: RunConfig, dist: Dist, resume: bool, command: str) -> dict:
                     written = record_fold(out_dir, result, cfg.data.train_folds, partial(summarize, cfg=cfg))
                     if not cfg.train.keep_last:  # only now: until summary.json records the fold, its state is needed
                         (out_dir / last_state_name(fold)).unlink(missing_ok=True)
+                        (out_dir / refit_state_name(fold)).unlink(missing_ok=True)
         except Stopped as stop:
             if hint in str(stop):
                 raise
@@ -271,6 +273,12 @@ def train_fold(cfg: RunConfig, fold: int, df: pd.DataFrame, folds: np.ndarray, r
     try:
         trainer = FoldTrainer(cfg, fold, fit_df, select_df, rt, out_dir, image_cache=cache, config_record=record)
         result = trainer.run()
+        if cfg.train.refit:  # the same fold again on all its training images, up to the selected epoch
+            seed_everything(cfg.init_seed(fold))
+            trainer = RefitTrainer(cfg, fold, fit_df, select_df, result["best_epoch"] + 1, rt, out_dir,
+                                   image_cache=cache, config_record=record)
+            trainer.run()
+            result.update(refit_epochs=result["best_epoch"] + 1, n_refit=len(trainer.train_df))
     except torch.OutOfMemoryError as exc:  # the settings, not the code: say which options to lower
         raise ConfigError(f"fold {fold}: {rt.device} ran out of memory ({' '.join(str(exc).split())[:200]}); "
                           "lower --batch-size or --img-size, or add --grad-ckpt") from exc
@@ -280,8 +288,10 @@ def train_fold(cfg: RunConfig, fold: int, df: pd.DataFrame, folds: np.ndarray, r
     result["seconds"] = time.perf_counter() - start
     result["selected_on"] = cfg.train.select_on
     on = "the scored fold" if cfg.train.select_on == "fold" else f"the inner split ({len(select_df)} images)"
-    logger.info("fold %d: best weighted R2 %.4f on %s at epoch %d (training-mean baseline %.4f) -> %s", fold,
-                result["best_score"], on, result["best_epoch"], result["baseline_train_mean_r2"], checkpoint_name(fold))
+    refit = f", refitted on {result['n_refit']} images" if cfg.train.refit else ""
+    logger.info("fold %d: best weighted R2 %.4f on %s at epoch %d (training-mean baseline %.4f)%s -> %s", fold,
+                result["best_score"], on, result["best_epoch"], result["baseline_train_mean_r2"], refit,
+                checkpoint_name(fold))
     return result
 
 

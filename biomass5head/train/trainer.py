@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from biomass5head.config import RunConfig
-from biomass5head.constants import AUX_HEADS, TARGET_SHORT, TARGETS
+from biomass5head.constants import AUX_HEADS, TARGETS
 from biomass5head.data.augment import augment_from_config
 from biomass5head.data.datasets import BiomassDataset, FeatureDataset, make_loader, set_epoch
 from biomass5head.data.feature_cache import FeatureCache, ensure_features, plan_feature_path, state_dict_digest
@@ -28,7 +28,7 @@ from biomass5head.model.postprocess import apply_postprocess, compute_context_ra
 from biomass5head.model.predict import gather_predictions, predict
 from biomass5head.model.ridge_base import fit_ridge_base
 from biomass5head.model.targets import TargetTransform
-from biomass5head.train.engine import cosine_with_warmup, train_one_epoch
+from biomass5head.train.engine import cosine_with_warmup, epoch_row, train_one_epoch
 from biomass5head.train.losses import BiomassLoss
 from biomass5head.train.resume import Progress, last_state_name, load_state, save_state, set_rng_states, snapshot
 from biomass5head.train.stages import Stage, build_optimizer, group_lr, plan_stages
@@ -48,6 +48,7 @@ class FoldTrainer:
         self.runtime, self.device, self.dist = runtime, runtime.device, runtime.dist
         self.config_record = config_record if config_record is not None else cfg.to_dict()
         self.train_df, self.val_df = train_df.reset_index(drop=True), val_df.reset_index(drop=True)
+        self.ridge_df = self.train_df  # the images the ridge base's alpha is chosen with (refit.py: fewer)
         self.transform = TargetTransform.fit(self.train_df[list(TARGETS)].to_numpy(np.float64),
                                              kind=cfg.loss.transform_kind)
         self.context_ratios = compute_context_ratios(self.train_df) if cfg.model.use_aux_heads else None
@@ -66,6 +67,8 @@ class FoldTrainer:
         self._best, self._last_write = None, -math.inf  # best weights not yet written, time of the last write
         self._snapshot, self._last_state_write = None, time.monotonic()  # resume state not yet written
         self.last_path = self.out_dir / last_state_name(fold)
+        self.log_path = self.out_dir / f"log_fold{fold}.csv"
+        self.stop_epoch = math.inf  # (train.refit: the refit pass ends after the selected epoch)
         self.progress = Progress()
         self.rows: list[dict] = []
 
@@ -111,17 +114,21 @@ class FoldTrainer:
 
     def fit_ridge_base(self) -> float:
         """--ridge-base: fit the model's ridge on the training images' original features (model space), alpha chosen
-        on the selection images; returns the alpha."""
+        on the selection images by a ridge fitted on `ridge_df` (the refit pass: on the selection pass's images, then
+        refitted with that alpha on every training image); returns the alpha."""
         root, key, common = self._feature_cache()
         paths = [str(p) for p in (*self.train_df["abs_path"], *self.val_df["abs_path"])]
         table = ensure_features(FeatureCache(root, **key), self.model, paths, ["id"], desc=f"fold {self.fold} features",
                                 **common)
-        fit, select = (np.stack([table[str(p)]["id"] for p in df["abs_path"]]) for df in (self.train_df, self.val_df))
-        grams = [df[list(TARGETS)].to_numpy(np.float64) for df in (self.train_df, self.val_df)]
-        alpha = fit_ridge_base(self.model.ridge, fit, self.transform.encode(grams[0]), select, grams[1],
-                               self.transform.decode, lambda true, pred: compute_metrics(true, pred)["weighted_r2"])
+        rows = [(np.stack([table[str(p)]["id"] for p in df["abs_path"]]), df[list(TARGETS)].to_numpy(np.float64))
+                for df in (self.ridge_df, self.val_df, self.train_df)]
+        (select, grams), enc, dec = rows[1], self.transform.encode, self.transform.decode
+        alpha = fit_ridge_base(self.model.ridge, rows[0][0], enc(rows[0][1]), select, grams, dec,
+                               lambda true, pred: compute_metrics(true, pred)["weighted_r2"])
+        if self.ridge_df is not self.train_df:
+            fit_ridge_base(self.model.ridge, rows[2][0], enc(rows[2][1]), select, grams, dec, None, alphas=[alpha])
         logger.info("fold %d: ridge base fitted on %d images (%s space), alpha %g chosen on the %d selection images",
-                    self.fold, len(fit), self.transform.kind, alpha, len(select))
+                    self.fold, len(self.train_df), self.transform.kind, alpha, len(select))
         return alpha
 
     def _build_feature_loaders(self):
@@ -134,8 +141,9 @@ class FoldTrainer:
                                     **common)
             augment = augment_from_config(cfg.aug, swap=False)  # (the swap is applied on features)
             bank = FeatureCache(root, **key, aug_key=plan.aug_key)
-            table.update(ensure_features(bank, self.model, train_paths, plan.variants, augment=augment,
-                                         desc=f"fold {self.fold} feature bank", **common))
+            for path, variants in ensure_features(bank, self.model, train_paths, plan.variants, augment=augment,
+                                                  desc=f"fold {self.fold} feature bank", **common).items():
+                table.setdefault(path, {}).update(variants)  # (a refit trains on its selection images too)
         else:
             table = ensure_features(originals, self.model, list(train_paths) + list(val_paths), ["id"],
                                     desc=f"fold {self.fold} features", **common)
@@ -206,6 +214,8 @@ class FoldTrainer:
             for index, stage in enumerate(plan_stages(cfg)):
                 if index < p.stage_index:
                     continue
+                if p.epoch >= self.stop_epoch:
+                    break
                 self.model.set_backbone_trainable(stage.backbone_trainable)
                 train_loader, val_loader = self.loaders_for(stage)
                 self._train_model = self.wrap_for_training(train_loader)
@@ -218,7 +228,7 @@ class FoldTrainer:
                     state = None
                 else:  # patience restarts with each stage: unfreezing changes what the model can reach
                     p.stage_index, p.epoch_in_stage, p.stale = index, 0, 0
-                while p.epoch_in_stage < stage.epochs and p.stale < cfg.train.patience:
+                while p.epoch_in_stage < stage.epochs and p.stale < cfg.train.patience and p.epoch < self.stop_epoch:
                     self._train_epoch(p, stage, train_loader, val_loader, optimizer, scheduler, scaler)
                     if self.dist.is_main:  # only rank 0 writes the run folder
                         self._snapshot = snapshot(p, self.model, optimizer, scheduler, scaler, self._loaders(),
@@ -232,8 +242,8 @@ class FoldTrainer:
             self._flush_best()
             if not finished:
                 self._write_state()
-        if cfg.train.keep_last:
-            self._write_state()  # the fold's final state, e.g. to train it further by hand
+        if cfg.train.keep_last or cfg.train.refit:
+            self._write_state()  # the fold's final state: to train it further by hand, or to resume after it
         return {"fold": self.fold, "best_score": p.best, "best_epoch": p.best_epoch, "epochs_run": p.epoch,
                 "baseline_train_mean_r2": baseline, "n_train": len(self.train_df), "n_val": len(self.val_df)}
 
@@ -249,7 +259,7 @@ class FoldTrainer:
                              on_step=(lambda: self.ema.update_parameters(self.model)) if self.ema else None)
         val = self.validate(val_loader)
         score = self.dist.broadcast(val["post"]["weighted_r2"])  # rank 0 decides, so every rank stops alike
-        improved = score > p.best
+        improved = self.improved(score, p)
         if improved:
             p.best, p.best_epoch, p.stale = score, p.epoch, 0
             self._save(p.epoch, score, val)
@@ -258,6 +268,10 @@ class FoldTrainer:
         self._log_epoch(p.epoch, stage, lrs, tr, val, improved)
         p.epoch += 1
         p.epoch_in_stage += 1
+
+    def improved(self, score: float, p: Progress) -> bool:
+        """Whether this epoch's weights become the fold's best (and reset early stopping)."""
+        return score > p.best
 
     def wrap_for_training(self, loader):
         """The module a stage trains. Under torchrun on pixels: DistributedDataParallel over the model (each rank
@@ -325,18 +339,10 @@ class FoldTrainer:
         self._best, self._last_write = None, time.monotonic()
 
     def _log_epoch(self, epoch: int, stage: Stage, lrs: dict, tr: dict, val: dict, improved: bool) -> None:
-        row = {"epoch": epoch, "stage": stage.name, **lrs}
-        row.update({f"train_{k}": v for k, v in tr.items() if k not in ("seconds", "samples_per_s", "data_time")})
-        row["val_weighted_r2_raw"] = val["raw"]["weighted_r2"]
-        row["val_weighted_r2"] = val["post"]["weighted_r2"]
-        row["val_weighted_r2_mean_per_target"] = val["post"]["weighted_r2_mean_per_target"]
-        for name, short in zip(TARGETS, TARGET_SHORT, strict=True):
-            row[f"val_r2_{short}"] = val["post"]["per_target"][name]["r2"]
-        row.update(val["acc"])
-        row.update(seconds=tr["seconds"], samples_per_s=tr["samples_per_s"], best=improved)
+        row = epoch_row(epoch, stage.name, lrs, tr, val, improved)
         self.rows.append(row)
         if self.dist.is_main:
-            write_csv(self.out_dir / f"log_fold{self.fold}.csv", pd.DataFrame(self.rows))
+            write_csv(self.log_path, pd.DataFrame(self.rows))
         acc = " ".join(f"{k[8:]} {v:.2f}" for k, v in val["acc"].items() if not k.startswith("val_acc_interval_"))
         logger.info("fold %d ep %d [%s] loss %.4f | val R2 %.4f (raw %.4f)%s | %.1f img/s%s", self.fold, epoch,
                     stage.name, tr["total"], row["val_weighted_r2"], row["val_weighted_r2_raw"],

@@ -23,6 +23,7 @@ import biomass5head.data.datasets
 import biomass5head.device
 import biomass5head.model.five_head
 import biomass5head.train.kfold
+import biomass5head.train.refit
 import biomass5head.train.trainer
 from biomass5head.data.folds import make_folds
 from biomass5head.data.tables import load_train
@@ -130,6 +131,11 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, scores) -> None:
             super().__init__(*a, **kw)
             run.trainers.append(self)
 
+    class RecordingRefit(biomass5head.train.refit.RefitTrainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            run.trainers.append(self)
+
     build_optimizer = biomass5head.train.trainer.build_optimizer
 
     def spy_build_optimizer(model, stage, weight_decay):
@@ -202,6 +208,7 @@ def _install_spies(mp: pytest.MonkeyPatch, run: Run, scores) -> None:
         return checkpoint(*a, **kw)
 
     mp.setattr(biomass5head.train.kfold, "FoldTrainer", RecordingTrainer)
+    mp.setattr(biomass5head.train.kfold, "RefitTrainer", RecordingRefit)
     mp.setattr(biomass5head.train.trainer, "build_optimizer", spy_build_optimizer)
     mp.setattr(biomass5head.train.trainer, "train_one_epoch", spy_train_one_epoch)
     mp.setattr(biomass5head.train.trainer, "predict", spy_predict)

@@ -58,10 +58,14 @@ def test_robust_recipe_fills_in_its_bundle_and_explicit_options_win():
         assert flat_ref[key] != flat[key], f"{dest}: the robust recipe must change the reference's value"
     explicit = resolve("--recipe", "robust", "--select-on", "fold", "--freeze-backbone", "--use-log-target").to_dict()
     assert explicit["train"]["select_on"] == "fold"
+    assert not explicit["train"]["refit"]  # the refit retrains to the epoch chosen on an inner split: none here
     assert explicit["loss"]["target_transform"] is None and explicit["loss"]["use_log_target"]  # log1p, as asked
     # the ridge is fitted on frozen features: without --freeze-backbone the recipe leaves it off
     fine_tuning = resolve("--recipe", "robust").to_dict()
     assert not fine_tuning["model"]["ridge_base"] and fine_tuning["train"]["select_on"] == "inner"
+    assert fine_tuning["train"]["refit"]
+    with pytest.raises(ConfigError, match="--refit needs --select-on inner"):
+        resolve("--refit")
 
 
 def test_recipe_cannot_be_given_with_resume(tmp_path, caplog):
