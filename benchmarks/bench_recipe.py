@@ -22,13 +22,14 @@ WEIGHTS = "weights/vit_small_patch14_dinov2.imgfocus.safetensors"
 COMMON = ["--backbone", "vit_small_patch14_dinov2.lvd142m", "--backbone-weights", WEIGHTS, "--img-size", "224",
           "--grid", "2", "2", "--freeze-backbone", "--aug-prob", "0", "--cv-strategy", "group_month",
           "--select-on", "inner", "--device-type", "cpu"]
-# name -> extra options; "robust" is the recipe (--target-transform sqrt --ridge-base), the two after it have one of
-# its changes each, "reference" neither (the settings: log targets).
+# name -> extra options: "robust" is the recipe (--target-transform sqrt --ridge-base --refit; --select-on inner is
+# common to all), each "robust-..." leaves one of its changes out, "reference" has none of them (the settings).
 VARIANTS = {
     "reference": ["--use-log-target"],
     "robust": ["--recipe", "robust"],
-    "sqrt-only": ["--target-transform", "sqrt"],
-    "ridge-base-log1p": ["--ridge-base", "--use-log-target"],
+    "robust-no-refit": ["--target-transform", "sqrt", "--ridge-base"],
+    "robust-no-ridge-base": ["--target-transform", "sqrt", "--refit"],
+    "robust-log1p": ["--recipe", "robust", "--use-log-target"],
 }
 
 

@@ -58,6 +58,7 @@ class ModelConfig:
     ridge_base: bool = False  # heads learn a residual over a closed-form ridge fit on the frozen features
     tile_feature: str = "cls"  # TILE_FEATURES
     interval_heads: int = 0  # > 0: up to this many interval bins per target, classified by auxiliary heads
+    head_seeds: int = 1  # copies of the heads, each from its own initialisation; the prediction is their mean
 
     def __post_init__(self):
         _check(len(self.grid) == 2 and all(int(g) >= 1 for g in self.grid),
@@ -67,6 +68,7 @@ class ModelConfig:
         _check(0.0 < self.hidden_ratio <= 8.0, f"--hidden-ratio must be in (0, 8], got {self.hidden_ratio}")
         _check(self.tile_feature in TILE_FEATURES,
                f"--tile-feature must be one of {', '.join(TILE_FEATURES)}, got {self.tile_feature}")
+        _check(1 <= self.head_seeds <= 32, f"--head-seeds must be 1-32, got {self.head_seeds}")
         _check(self.interval_heads == 0 or 2 <= self.interval_heads <= 50,
                f"--interval-heads must be 0 (off) or 2-50 bins, got {self.interval_heads}")
 

@@ -91,13 +91,13 @@ def test_every_option_reaches_the_config():
         "--check-photos", "full", "--allow-any-aspect", "--save-every", "60", "--keep-last",
         "--select-on", "inner", "--inner-frac", "0.3", "--recipe", "robust", "--compile",
         "--tile-feature", "patch_mean", "--ema-decay", "0.99", "--interval-heads", "7", "--interval-weight", "0.4",
-        "--scale-aug-prob", "0.3", "--scale-range", "0.6", "1.4", "--scale-pad", "grey")
+        "--scale-aug-prob", "0.3", "--scale-range", "0.6", "1.4", "--scale-pad", "grey", "--head-seeds", "3")
     assert cfg.to_dict() == {
         "model": {"backbone": "vit_small_patch14_dinov2.lvd142m", "grid": [1, 3], "img_size": 224, "dropout": 0.3,
                   "hidden_ratio": 0.25, "film": False, "attention_pool": False, "grad_ckpt": True,
                   "use_aux_heads": True, "pretrained": True, "backbone_weights": "w.safetensors",
                   "ridge_base": False,  # the robust recipe's ridge needs --freeze-backbone
-                  "tile_feature": "patch_mean", "interval_heads": 7},
+                  "tile_feature": "patch_mean", "interval_heads": 7, "head_seeds": 3},
         "data": {"base_path": "B", "batch_size": 3, "num_workers": 2, "cache_images": True, "prefetch_factor": 2,
                  "num_folds": 4, "train_folds": [1, 3], "cv_strategy": "group_date_state_bin", "fold_csv": "f.csv",
                  "check_photos": "full", "allow_any_aspect": True},

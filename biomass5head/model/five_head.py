@@ -67,6 +67,41 @@ class RegressionHead(nn.Module):
         return self.net(x)  # (B, 1)
 
 
+class HeadCopy(nn.Module):
+    """One more independently initialised copy of the heads (FiLM, pooling, projection, five regressions) for
+    `--head-seeds`: the model's prediction is the mean over its copies, each trained on its own loss."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float, use_film: bool, attention_pool: bool,
+                 zero_last: bool):
+        super().__init__()
+        self.film, self.pool, self.proj, self.heads = _head_modules(dim, hidden_dim, dropout, use_film,
+                                                                    attention_pool, zero_last)
+
+
+def _head_modules(dim: int, hidden_dim: int, dropout: float, use_film: bool, attention_pool: bool, zero_last: bool):
+    """(FiLM or None, attention pool or None, projection, five heads): everything after the backbone that regresses.
+    `zero_last` (--ridge-base): the heads' last layers start at zero, so the model starts from the ridge."""
+    film = FiLM(dim) if use_film else None
+    pool = AttentionPool(dim) if attention_pool else None
+    proj = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, hidden_dim), nn.GELU(), nn.Dropout(dropout))
+    heads = nn.ModuleList(RegressionHead(hidden_dim, dropout) for _ in TARGETS)
+    if zero_last:
+        for head in heads:
+            nn.init.zeros_(head.net[-1].weight)
+            nn.init.zeros_(head.net[-1].bias)
+    return film, pool, proj, heads
+
+
+def _regress(m, left_feats: torch.Tensor, right_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (B, hidden), raw (B, 5)) of one set of heads `m` (the model itself, or a HeadCopy)."""
+    lf, rf = left_feats, right_feats
+    if m.film is not None:
+        lf, rf = m.film(lf, right_feats), m.film(rf, left_feats)  # each conditioned on the other view
+    lp, rp = (m.pool(lf), m.pool(rf)) if m.pool is not None else (lf.mean(dim=1), rf.mean(dim=1))
+    hidden = m.proj(torch.cat([lp, rp], dim=-1))  # (B, 2D) -> (B, hidden)
+    return hidden, torch.cat([head(hidden) for head in m.heads], dim=-1)
+
+
 class FiveHeadModel(nn.Module):
     """Stereo tiles -> backbone -> FiLM -> pooling -> shared projection -> five non-negative regressions
     (+ optional State / Month / Species-group logits)."""
@@ -74,12 +109,14 @@ class FiveHeadModel(nn.Module):
     def __init__(self, backbone: nn.Module, *, dropout: float = 0.2, hidden_ratio: float = 0.5,
                  use_film: bool = True, attention_pool: bool = True, use_aux_heads: bool = False,
                  grad_ckpt: bool = False, ridge_base: bool = False, tile_feature: str = "cls",
-                 interval_sizes: tuple[int, ...] | None = None):
+                 interval_sizes: tuple[int, ...] | None = None, head_seeds: int = 1):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"--dropout {dropout} must be in [0, 1)")
         if hidden_ratio <= 0:
             raise ValueError(f"--hidden-ratio {hidden_ratio} must be positive")
+        if head_seeds < 1:
+            raise ValueError(f"--head-seeds {head_seeds} must be >= 1")
         self.backbone = backbone
         if tile_feature not in ("cls", "patch_mean", "cls_patch_mean"):
             raise ValueError(f"--tile-feature must be cls, patch_mean or cls_patch_mean, got {tile_feature!r}")
@@ -89,17 +126,13 @@ class FiveHeadModel(nn.Module):
         self.hidden_dim = max(int(2 * dim * hidden_ratio), 1)
         self.use_aux_heads = use_aux_heads
         # Absent modules (not identity ones) so that --no-film / --no-attention-pool leave no parameters behind.
-        self.film = FiLM(dim) if use_film else None
-        self.pool = AttentionPool(dim) if attention_pool else None
-        self.proj = nn.Sequential(
-            nn.LayerNorm(2 * dim), nn.Linear(2 * dim, self.hidden_dim), nn.GELU(), nn.Dropout(dropout))
-        self.heads = nn.ModuleList(RegressionHead(self.hidden_dim, dropout) for _ in TARGETS)
         # --ridge-base: a closed-form ridge (fitted by the trainer) that the heads correct, starting from zero.
+        kw = dict(dim=dim, hidden_dim=self.hidden_dim, dropout=dropout, use_film=use_film,
+                  attention_pool=attention_pool, zero_last=ridge_base)
+        self.film, self.pool, self.proj, self.heads = _head_modules(**kw)
         self.ridge = RidgeBase(dim, len(TARGETS)) if ridge_base else None
-        if ridge_base:
-            for head in self.heads:
-                nn.init.zeros_(head.net[-1].weight)
-                nn.init.zeros_(head.net[-1].bias)
+        # --head-seeds K: K - 1 more copies of the heads, initialised from the next random draws; prediction = mean.
+        self.copies = nn.ModuleList(HeadCopy(**kw) for _ in range(head_seeds - 1)) if head_seeds > 1 else None
         self.aux_heads = nn.ModuleDict(
             {k: nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden_dim, len(h.classes)))
              for k, h in AUX_HEADS.items()}
@@ -190,14 +223,15 @@ class FiveHeadModel(nn.Module):
         return torch.stack([self.pool.weights(lf)[..., 0], self.pool.weights(rf)[..., 0]], dim=1)
 
     def forward_features(self, left_feats: torch.Tensor, right_feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Everything after the backbone: left_feats, right_feats (B, T, D) -> the output dict of forward."""
-        lf, rf = left_feats, right_feats
-        if self.film is not None:
-            lf, rf = self.film(lf, right_feats), self.film(rf, left_feats)  # each conditioned on the other view
-        lp, rp = (self.pool(lf), self.pool(rf)) if self.pool is not None else (lf.mean(dim=1), rf.mean(dim=1))
-        hidden = self.proj(torch.cat([lp, rp], dim=-1))  # (B, 2D) -> (B, hidden)
-        raw = torch.cat([head(hidden) for head in self.heads], dim=-1)  # (B, 5)
+        """Everything after the backbone: left_feats, right_feats (B, T, D) -> the output dict of forward. With
+        --head-seeds K, `reg` is the mean of the K copies' predictions and `members` (K, B, 5) holds each one."""
+        hidden, raw = _regress(self, left_feats, right_feats)
         out = {"reg": ridge_offset(self.ridge, left_feats, right_feats, raw)}
+        if self.copies is not None:
+            members = [out["reg"]] + [ridge_offset(self.ridge, left_feats, right_feats,
+                                                   _regress(c, left_feats, right_feats)[1]) for c in self.copies]
+            out["members"] = torch.stack(members)
+            out["reg"] = out["members"].mean(dim=0)
         if self.aux_heads is not None:
             out.update({k: head(hidden) for k, head in self.aux_heads.items()})
         if self.interval_heads is not None:  # (B, sum of bins): each target's log-probabilities, concatenated
@@ -233,4 +267,4 @@ def build_model(cfg: RunConfig, pretrained: bool | None = None,
     return FiveHeadModel(backbone, dropout=m.dropout, hidden_ratio=m.hidden_ratio, use_film=m.film,
                          attention_pool=m.attention_pool, use_aux_heads=m.use_aux_heads, grad_ckpt=m.grad_ckpt,
                          ridge_base=m.ridge_base, tile_feature=m.tile_feature,
-                         interval_sizes=interval_bins.sizes if m.interval_heads else None)
+                         interval_sizes=interval_bins.sizes if m.interval_heads else None, head_seeds=m.head_seeds)

@@ -97,7 +97,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, s
             with autocast:
                 out = forward_batch(model, batch, device)
             aux_logits = {h: out[h].float() for h in AUX_HEADS if h in out} or None
-            loss, terms = loss_fn(out["reg"].float(), target, aux_logits, labels if aux_logits else None,
+            loss, terms = loss_fn(out.get("members", out["reg"]).float(), target, aux_logits,
+                                  labels if aux_logits else None,
                                   out.get("interval"), bin_labels)
             if not torch.isfinite(loss):
                 detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())

@@ -173,9 +173,12 @@ class BiomassLoss(nn.Module):
         return self.interval_weight * torch.stack(ce).mean()
 
     def forward(self, pred, target, aux_logits=None, aux_labels=None, interval_log_probs=None, interval_labels=None):
-        """``pred``, ``target``: (B, 5) in model space; with interval heads also their log-probabilities and the
+        """``pred``, ``target``: (B, 5) in model space (``pred`` (K, B, 5): K copies of the heads, each scored
+        against ``target``); with interval heads also their log-probabilities and the
         bins of the true grams (``interval_bins.labels``). Returns ``(loss, terms)``: the scalar total (NaN/inf
         propagate, so the caller can stop on a non-finite loss) and a dict of detached per-term contributions."""
+        if pred.ndim == 3 and pred.shape[1:] == target.shape:  # --head-seeds: (K, B, 5), the mean of K losses
+            pred, target = pred.flatten(0, 1), target.repeat(pred.shape[0], 1)
         if pred.shape != target.shape or pred.ndim != 2 or pred.shape[1] != len(TARGETS):
             raise ValueError(f"pred and target must both be (B, {len(TARGETS)}), got {tuple(pred.shape)} "
                              f"and {tuple(target.shape)}")

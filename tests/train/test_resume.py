@@ -126,3 +126,44 @@ def test_sigterm_to_a_real_run_then_resume_gives_a_complete_run_folder(tiny_data
     assert (run / "learning_curves.png").is_file() and not list(run.glob("5head_last_fold*.pth"))
     epochs = pd.read_csv(run / "log_fold0.csv")["epoch"].tolist()
     assert epochs == list(range(len(epochs)))  # each epoch once, in order
+
+
+@pytest.mark.slow  # two runs of two passes each (4-6 s)
+def test_a_run_stopped_in_its_refit_pass_resumes_there(tiny_data, tmp_path, capsys):
+    """--refit: the selection pass's final state is kept, so a stop in the refit pass resumes the refit (from its own
+    state file) without training the selection pass again, and ends like the uninterrupted run."""
+    extra = ["--freeze-backbone", "--aug-prob", "0", "--select-on", "inner", "--refit", "--train-folds", "0"]
+    whole = tmp_path / "a" / "run"
+    assert _run(tiny_data, whole, extra) == 0
+    refit_epochs = json.loads((whole / "summary.json").read_text())["folds"]["0"]["refit_epochs"]
+    assert len(pd.read_csv(whole / "log_fold0.csv")) == 4 and 1 <= refit_epochs <= 4
+    stop_call = 4 + refit_epochs - 1  # the refit pass's last epoch (its first when it has one only)
+    calls = []
+    original = biomass5head.train.trainer.train_one_epoch
+
+    def stopping(*a, **kw):
+        calls.append(kw.get("epoch"))
+        if len(calls) == stop_call + 1:
+            raise Stopped(signal.SIGTERM)
+        return original(*a, **kw)
+
+    stopped = tmp_path / "b" / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(biomass5head.train.trainer, "train_one_epoch", stopping)
+        assert _run(tiny_data, stopped, extra) == 128 + signal.SIGTERM
+    assert (stopped / "5head_last_fold0.pth").is_file()  # the selection pass's final state
+    assert (stopped / "5head_last_fold0_refit.pth").is_file() == (refit_epochs > 1)
+    calls.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(biomass5head.train.trainer, "train_one_epoch", stopping)
+        assert main(["--resume", str(stopped)]) == 0
+    assert calls == [refit_epochs - 1] if refit_epochs > 1 else calls == [0]  # only what the stop cut off
+    a = torch.load(whole / "5head_best_fold0.pth", weights_only=True)
+    b = torch.load(stopped / "5head_best_fold0.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == refit_epochs - 1
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-6)
+    for log in ("log_fold0.csv", "log_fold0_refit.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(whole / log).drop(columns=TIMING),
+                                      pd.read_csv(stopped / log).drop(columns=TIMING), rtol=1e-6, atol=1e-9)
+    assert not list(stopped.glob("5head_last_fold*.pth"))

@@ -7,6 +7,7 @@ import pytest
 from spied_run import N_TRAIN_FOLD0, train
 
 from biomass5head.cli.train import build_parser, config_from_args
+from biomass5head.config import ConfigError
 from biomass5head.data.folds import make_folds
 from biomass5head.data.tables import load_train
 from biomass5head.recipes import RECIPE_DEFAULTS
