@@ -2,12 +2,15 @@
 loss and the model predicts their mean (a seed ensemble in one checkpoint)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from spied_run import digest, train
 
 from biomass5head.cli.eval import main as eval_main
+from biomass5head.cli.export import main as export_main
 from biomass5head.config import ConfigError, ModelConfig
 from biomass5head.model.five_head import FiveHeadModel
 from biomass5head.model.targets import TargetTransform
@@ -52,7 +55,8 @@ def test_head_seeds_must_be_positive():
         ModelConfig(head_seeds=0)
 
 
-def test_a_run_trains_every_copy_and_eval_reads_its_checkpoint(tiny_data, tmp_path_factory):
+@pytest.mark.slow  # a training run, eval and an ONNX export (5-10 s)
+def test_a_run_trains_every_copy_and_eval_and_export_read_its_checkpoint(tiny_data, tmp_path_factory, capsys):
     run = train(tmp_path_factory, tiny_data, "--head-seeds", "3", "--freeze-backbone", "--ridge-base",
                 "--aug-prob", "0", "--epochs", "2")
     assert run.rc == 0 and run.config["model"]["head_seeds"] == 3
@@ -62,3 +66,7 @@ def test_a_run_trains_every_copy_and_eval_reads_its_checkpoint(tiny_data, tmp_pa
     assert all(weights[k].abs().sum() > 0 for k in last)  # every copy of every head was trained
     assert eval_main(["--model-dir", str(run.out), "--device", "cpu"]) == 0
     assert (run.out / "oof_predictions.csv").is_file()
+    onnx = run.out.parent / "model.onnx"
+    assert export_main(["--model-dir", str(run.out), "--out", str(onnx)]) == 0  # the copies' mean, in one graph
+    diff = float(re.search(r"max relative difference ONNX Runtime vs PyTorch: (\S+)", capsys.readouterr().out)[1])
+    assert diff < 1e-3
