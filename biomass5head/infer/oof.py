@@ -76,10 +76,12 @@ def oof_metrics(table: pd.DataFrame, evaluated: list[int], skipped: list[int], n
     return metrics
 
 
-def selection_note(select_on: str) -> str:
+def selection_note(select_on: str, refit: bool = False) -> str:
     """How a run chose its epochs, in words for eval's log, oof_metrics.json and report.md."""
     if select_on == "inner":
-        return "inner (early stopping and the best epoch chosen on an inner split of the training folds: honest OOF)"
+        note = "inner (early stopping and the best epoch chosen on an inner split of the training folds: honest OOF)"
+        return note + (", then each fold refitted on all its training images up to that epoch (--refit)" if refit
+                       else "")
     return ("fold (early stopping and the best epoch chosen on the fold that is then scored, as in the reference: "
             "this OOF score is optimistic; train with --select-on inner for an honest one)")
 
@@ -138,7 +140,7 @@ def evaluate(model_dir: str | Path, given: dict) -> dict:
     table = oof_table(df[keep], folds[keep], pred[keep])
     options = {**opts.record(), "device": str(rt.device), "autocast": rt.dtype_name}
     metrics = oof_metrics(table, evaluated, skipped, int((~keep).sum()), options)
-    metrics["selection"] = selection_note(run.config.train.select_on)
+    metrics["selection"] = selection_note(run.config.train.select_on, run.config.train.refit)
     if opts.feature_cache is not None:  # (with --no-feature-cache the user asked eval not to use it)
         compare_with_probe(run, df, folds, table, metrics)
     write_csv(run.path / "oof_predictions.csv", table)

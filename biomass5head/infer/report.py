@@ -47,7 +47,7 @@ def build_report(run_dir: Path) -> str:
     per_fold = ", ".join("{pooling} {space} {alpha:g}".format(**c) for c in ridge["chosen_per_fold"].values())
     write_json(run.path / "ridge_oof_metrics.json", ridge)
     baseline = json.loads((run.path / "summary.json").read_text()).get("mean_baseline_train_mean_r2")
-    selection = five_head.get("selection", selection_note(run.config.train.select_on))
+    selection = five_head.get("selection", selection_note(run.config.train.select_on, run.config.train.refit))
     verdict = comparison(five_head["weighted_r2"], ridge["weighted_r2"])
     text = "\n".join([
         f"# Report: {run.path.name}", "",

@@ -2,6 +2,8 @@
 its training images up to that epoch, and that model is the fold's checkpoint; the scored fold stays unseen."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -58,3 +60,11 @@ def test_refit_checkpoint_holds_the_refitted_weights(refit_run):
     assert any(f"ridge base fitted on {N_TRAIN_FOLD0} images" in m for m in refit_run.log)
     assert not list(refit_run.out.glob("5head_last_fold*"))  # resume states removed once the fold is recorded
     assert any("refitting on all 24 training images for 2 epochs" in m for m in refit_run.log)
+
+
+def test_eval_says_the_folds_were_refitted(refit_run, capsys):
+    from biomass5head.cli.eval import main as eval_main
+
+    assert eval_main(["--model-dir", str(refit_run.out), "--device", "cpu"]) == 0
+    metrics = json.loads((refit_run.out / "oof_metrics.json").read_text())
+    assert metrics["selection"].startswith("inner (") and "refitted on all its training images" in metrics["selection"]
