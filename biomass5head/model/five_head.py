@@ -226,12 +226,10 @@ class FiveHeadModel(nn.Module):
         """Everything after the backbone: left_feats, right_feats (B, T, D) -> the output dict of forward. With
         --head-seeds K, `reg` is the mean of the K copies' predictions and `members` (K, B, 5) holds each one."""
         hidden, raw = _regress(self, left_feats, right_feats)
-        out = {"reg": ridge_offset(self.ridge, left_feats, right_feats, raw)}
-        if self.copies is not None:
-            members = [out["reg"]] + [ridge_offset(self.ridge, left_feats, right_feats,
-                                                   _regress(c, left_feats, right_feats)[1]) for c in self.copies]
-            out["members"] = torch.stack(members)
-            out["reg"] = out["members"].mean(dim=0)
+        if self.copies is not None:  # (K, B, 5): the ridge's offset (B, 5) broadcasts over the copies
+            raw = torch.stack([raw] + [_regress(c, left_feats, right_feats)[1] for c in self.copies])
+        reg = ridge_offset(self.ridge, left_feats, right_feats, raw)
+        out = {"reg": reg} if self.copies is None else {"reg": reg.mean(dim=0), "members": reg}
         if self.aux_heads is not None:
             out.update({k: head(hidden) for k, head in self.aux_heads.items()})
         if self.interval_heads is not None:  # (B, sum of bins): each target's log-probabilities, concatenated
