@@ -114,19 +114,20 @@ class FoldTrainer:
 
     def fit_ridge_base(self) -> float:
         """--ridge-base: fit the model's ridge on the training images' original features (model space), alpha chosen
-        on the selection images by a ridge fitted on `ridge_df` (the refit pass: on the selection pass's images, then
-        refitted with that alpha on every training image); returns the alpha."""
+        on the selection images for a ridge on `ridge_df` (the refit: the selection pass's images); returns alpha."""
         root, key, common = self._feature_cache()
         paths = [str(p) for p in (*self.train_df["abs_path"], *self.val_df["abs_path"])]
         table = ensure_features(FeatureCache(root, **key), self.model, paths, ["id"], desc=f"fold {self.fold} features",
                                 **common)
-        rows = [(np.stack([table[str(p)]["id"] for p in df["abs_path"]]), df[list(TARGETS)].to_numpy(np.float64))
-                for df in (self.ridge_df, self.val_df, self.train_df)]
-        (select, grams), enc, dec = rows[1], self.transform.encode, self.transform.decode
-        alpha = fit_ridge_base(self.model.ridge, rows[0][0], enc(rows[0][1]), select, grams, dec,
+        def rows(df):  # (features, grams)
+            return np.stack([table[str(p)]["id"] for p in df["abs_path"]]), df[list(TARGETS)].to_numpy(np.float64)
+        (fit, fit_g), (select, grams) = rows(self.ridge_df), rows(self.val_df)
+        enc, dec = self.transform.encode, self.transform.decode
+        alpha = fit_ridge_base(self.model.ridge, fit, enc(fit_g), select, grams, dec,
                                lambda true, pred: compute_metrics(true, pred)["weighted_r2"])
-        if self.ridge_df is not self.train_df:
-            fit_ridge_base(self.model.ridge, rows[2][0], enc(rows[2][1]), select, grams, dec, None, alphas=[alpha])
+        if self.ridge_df is not self.train_df:  # the refit: that alpha, on every training image
+            x, g = rows(self.train_df)
+            fit_ridge_base(self.model.ridge, x, enc(g), select, grams, dec, None, alphas=[alpha])
         logger.info("fold %d: ridge base fitted on %d images (%s space), alpha %g chosen on the %d selection images",
                     self.fold, len(self.train_df), self.transform.kind, alpha, len(select))
         return alpha
