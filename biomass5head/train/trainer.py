@@ -26,11 +26,11 @@ from biomass5head.model.five_head import build_model
 from biomass5head.model.intervals import IntervalBins, interval_accuracy
 from biomass5head.model.postprocess import apply_postprocess, compute_context_ratios
 from biomass5head.model.predict import gather_predictions, predict
-from biomass5head.model.ridge_base import fit_ridge_base
 from biomass5head.model.targets import TargetTransform
 from biomass5head.train.engine import cosine_with_warmup, epoch_row, train_one_epoch
 from biomass5head.train.losses import BiomassLoss
 from biomass5head.train.resume import Progress, last_state_name, load_state, save_state, set_rng_states, snapshot
+from biomass5head.train.ridge_fit import fit_fold_ridge
 from biomass5head.train.stages import Stage, build_optimizer, group_lr, plan_stages
 
 logger = logging.getLogger(__name__)
@@ -113,24 +113,16 @@ class FoldTrainer:
         return cfg.cache.resolved_dir(cfg.data.base_path), key, common
 
     def fit_ridge_base(self) -> float:
-        """--ridge-base: fit the model's ridge on the training images' original features (model space), alpha chosen
-        on the selection images for a ridge on `ridge_df` (the refit: the selection pass's images); returns alpha."""
+        """--ridge-base: fit the model's ridge on the rows the heads train on, return its alpha (train/ridge_fit.py)."""
+        return fit_fold_ridge(self)
+
+    def bank_features(self, paths) -> dict:
+        """{path: {aug0..augK-1: (2, T, D)}} of the feature bank the heads train on, from the cache or computed now."""
         root, key, common = self._feature_cache()
-        paths = [str(p) for p in (*self.train_df["abs_path"], *self.val_df["abs_path"])]
-        table = ensure_features(FeatureCache(root, **key), self.model, paths, ["id"], desc=f"fold {self.fold} features",
-                                **common)
-        def rows(df):  # (features, grams)
-            return np.stack([table[str(p)]["id"] for p in df["abs_path"]]), df[list(TARGETS)].to_numpy(np.float64)
-        (fit, fit_g), (select, grams) = rows(self.ridge_df), rows(self.val_df)
-        enc, dec = self.transform.encode, self.transform.decode
-        alpha = fit_ridge_base(self.model.ridge, fit, enc(fit_g), select, grams, dec,
-                               lambda true, pred: compute_metrics(true, pred)["weighted_r2"])
-        if self.ridge_df is not self.train_df:  # the refit: that alpha, on every training image
-            x, g = rows(self.train_df)
-            fit_ridge_base(self.model.ridge, x, enc(g), select, grams, dec, None, alphas=[alpha])
-        logger.info("fold %d: ridge base fitted on %d images (%s space), alpha %g chosen on the %d selection images",
-                    self.fold, len(self.train_df), self.transform.kind, alpha, len(select))
-        return alpha
+        augment = augment_from_config(self.cfg.aug, swap=False)  # (the swap is applied on features)
+        bank = FeatureCache(root, **key, aug_key=self.feature_plan.aug_key)
+        return ensure_features(bank, self.model, paths, self.feature_plan.variants, augment=augment,
+                               desc=f"fold {self.fold} feature bank", **common)
 
     def _build_feature_loaders(self):
         cfg, plan = self.cfg, self.feature_plan
@@ -140,10 +132,7 @@ class FoldTrainer:
         if plan.aug_key:
             table = ensure_features(originals, self.model, val_paths, ["id"], desc=f"fold {self.fold} val features",
                                     **common)
-            augment = augment_from_config(cfg.aug, swap=False)  # (the swap is applied on features)
-            bank = FeatureCache(root, **key, aug_key=plan.aug_key)
-            for path, variants in ensure_features(bank, self.model, train_paths, plan.variants, augment=augment,
-                                                  desc=f"fold {self.fold} feature bank", **common).items():
+            for path, variants in self.bank_features(train_paths).items():
                 table.setdefault(path, {}).update(variants)  # (a refit trains on its selection images too)
         else:
             table = ensure_features(originals, self.model, list(train_paths) + list(val_paths), ["id"],
