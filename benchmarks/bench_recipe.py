@@ -5,7 +5,7 @@ data set and recipe variant, with honest selection; prints one markdown row per 
     python benchmarks/bench_recipe.py --data DIR --variants reference robust --epochs 30
 
 Every run: frozen ViT-S/14 (the imported weights, weights/vit_small_patch14_dinov2.imgfocus.safetensors), 224 px,
-grid 2x2, 5 folds by group_month, --aug-prob 0, --select-on inner, then eval_5head_oof and report (the ridge probe
+grid 2x2, 5 folds by group_month, --select-on inner, then eval_5head_oof and report (the ridge probe
 chooses its pooling, target space and alpha on the same inner splits). Feature caches go to DATA/.feature_cache and
 are shared by the variants. Make the sets with `python -m src.make_synthetic --difficulty realistic --seed S`.
 """
@@ -20,13 +20,15 @@ from pathlib import Path
 
 WEIGHTS = "weights/vit_small_patch14_dinov2.imgfocus.safetensors"
 COMMON = ["--backbone", "vit_small_patch14_dinov2.lvd142m", "--backbone-weights", WEIGHTS, "--img-size", "224",
-          "--grid", "2", "2", "--freeze-backbone", "--aug-prob", "0", "--cv-strategy", "group_month",
+          "--grid", "2", "2", "--freeze-backbone", "--cv-strategy", "group_month",
           "--select-on", "inner", "--device-type", "cpu"]
-# name -> extra options: "robust" is the recipe (--target-transform sqrt --ridge-base --refit; --select-on inner is
-# common to all), each "robust-..." leaves one of its changes out, "reference" has none of them (the issue's settings).
+# name -> extra options: "robust" is the recipe (--target-transform sqrt --ridge-base --refit, trained on the feature
+# bank that the default --aug-prob 0.5 makes; --select-on inner is common to all), each "robust-..." leaves one of its
+# changes out, "reference" has none of them (the model-quality issue's settings, --aug-prob 0).
 VARIANTS = {
-    "reference": ["--use-log-target"],
+    "reference": ["--use-log-target", "--aug-prob", "0"],
     "robust": ["--recipe", "robust"],
+    "robust-no-aug": ["--recipe", "robust", "--aug-prob", "0"],
     "robust-no-refit": ["--target-transform", "sqrt", "--ridge-base"],
     "robust-no-ridge-base": ["--target-transform", "sqrt", "--refit"],
     "robust-log1p": ["--recipe", "robust", "--use-log-target"],
