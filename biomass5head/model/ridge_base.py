@@ -65,20 +65,30 @@ class RidgeBase(nn.Module):
             getattr(self, name).copy_(torch.as_tensor(np.asarray(value), dtype=torch.float32))
 
 
-def fit_ridge_base(base: RidgeBase, fit_feats: np.ndarray, fit_t: np.ndarray, select_feats: np.ndarray,
-                   select_grams: np.ndarray, decode, score, alphas=ALPHAS) -> float:
-    """Fit `base` on the fitting images and return the alpha of `alphas` chosen on the selection images.
+def choose_ridge(fit_feats: np.ndarray, fit_t: np.ndarray, select_feats: np.ndarray, select_grams: np.ndarray, decode,
+                 score, alphas=ALPHAS) -> tuple[float, float, tuple]:
+    """The ridge of `alphas` that scores best on the selection images: (score, alpha, (mean, std, weight, bias)).
 
     `fit_feats` / `select_feats`: (N, 2, T, D) tile features; `fit_t`: (N, 5) targets in model space; `decode`:
     model space -> grams; `score(true_grams, pred_grams)`: higher is better (the primary metric; None: the first
-    alpha). The features are standardised with the fitting images' mean and std."""
+    alpha, score nan). The features are standardised with the fitting images' mean and std."""
     x = fit_feats.mean(axis=(1, 2), dtype=np.float64)  # the mean over both views' tiles, as mean_tile_feature
     mean, std, fits = ridge_solutions(x, fit_t, alphas)
+    if score is None:
+        return float("nan"), float(alphas[0]), (mean, std, *fits[0])
     xs = (select_feats.mean(axis=(1, 2), dtype=np.float64) - mean) / std
-    scores = [score(select_grams, decode(np.maximum(xs @ w + b, MIN_TARGET))) for w, b in fits] if score else [0.0]
+    scores = [score(select_grams, decode(np.maximum(xs @ w + b, MIN_TARGET))) for w, b in fits]
     best = int(np.argmax(scores))
-    base.set(mean, std, *fits[best])
-    return float(alphas[best])
+    return float(scores[best]), float(alphas[best]), (mean, std, *fits[best])
+
+
+def fit_ridge_base(base: RidgeBase, fit_feats: np.ndarray, fit_t: np.ndarray, select_feats: np.ndarray,
+                   select_grams: np.ndarray, decode, score, alphas=ALPHAS) -> float:
+    """Fit `base` on the fitting images and return the alpha of `alphas` chosen on the selection images
+    (`choose_ridge`)."""
+    _, alpha, fit = choose_ridge(fit_feats, fit_t, select_feats, select_grams, decode, score, alphas)
+    base.set(*fit)
+    return alpha
 
 
 def ridge_offset(base: RidgeBase | None, left: torch.Tensor, right: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:

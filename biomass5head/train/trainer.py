@@ -112,8 +112,8 @@ class FoldTrainer:
         common = dict(tiles=self.tiles, runtime=self.runtime, batch_size=cfg.data.batch_size, seed=cfg.seed)
         return cfg.cache.resolved_dir(cfg.data.base_path), key, common
 
-    def fit_ridge_base(self) -> float:
-        """--ridge-base: fit the model's ridge on the rows the heads train on, return its alpha (train/ridge_fit.py)."""
+    def fit_ridge_base(self) -> tuple[float, str]:
+        """--ridge-base: fit the model's ridge; (alpha, rows) as chosen on the selection images (train/ridge_fit.py)."""
         return fit_fold_ridge(self)
 
     def bank_features(self, paths) -> dict:
