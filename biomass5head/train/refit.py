@@ -7,7 +7,8 @@ weighted R² (docs/MODEL_QUALITY.md). The refit pass starts again from the same 
 training image of the fold, under the same schedule (the same number of epochs planned, so the learning rate follows
 the selection pass's curve), and stops after the selected epoch; the fold's checkpoint holds its last weights. The
 epoch count is the only thing carried over, and it was chosen on images that were not scored, so the OOF score stays
-honest. The ridge base (`--ridge-base`) keeps the alpha chosen on the inner split and is refitted on every image.
+honest. The ridge base (`--ridge-base`) keeps the rows and alpha chosen on the inner split (train/ridge_fit.py) and is
+refitted on every image.
 
 The refit pass logs to `log_fold{k}_refit.csv`; its "val" columns score the inner split, which is now part of the
 training images (in-sample: a check that training went as planned, not a selection). It resumes from its own state
@@ -35,7 +36,7 @@ class RefitTrainer(FoldTrainer):
 
     def __init__(self, cfg, fold: int, fit_df: pd.DataFrame, select_df: pd.DataFrame, epochs: int, *args, **kwargs):
         super().__init__(cfg, fold, pd.concat([fit_df, select_df]), select_df, *args, **kwargs)
-        self.ridge_df = fit_df.reset_index(drop=True)  # the ridge base's alpha: chosen as in the selection pass
+        self.ridge_df = fit_df.reset_index(drop=True)  # the ridge base: rows and alpha chosen as in selection
         self.stop_epoch = int(epochs)
         self.last_path = self.out_dir / refit_state_name(fold)
         self.log_path = self.out_dir / f"log_fold{fold}_refit.csv"
