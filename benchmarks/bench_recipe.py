@@ -29,6 +29,7 @@ VARIANTS = {
     "reference": ["--use-log-target", "--aug-prob", "0"],
     "robust": ["--recipe", "robust"],
     "robust-no-aug": ["--recipe", "robust", "--aug-prob", "0"],
+    "robust-bank8": ["--recipe", "robust", "--feature-bank", "8"],
     "robust-no-refit": ["--target-transform", "sqrt", "--ridge-base"],
     "robust-no-ridge-base": ["--target-transform", "sqrt", "--refit"],
     "robust-log1p": ["--recipe", "robust", "--use-log-target"],
