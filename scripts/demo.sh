@@ -10,6 +10,9 @@
 # follows the CPU (bfloat16 only where it is native). The full-size version: SIZE=2000x1000 IMG_SIZE=224
 # EPOCHS=150 PATIENCE=30 bash scripts/demo.sh (README, "The demo").
 # Re-running reuses the venv, the weights, the data set and the feature cache; each run gets a new folder.
+# --aug-prob 0 keeps the demo to the original photos' features: the recipe's feature bank (4 augmented draws per
+# photo) would quadruple the feature pass, and the clean demo photos have little lighting or colour change for it
+# to teach (README, "Recipes").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${SIZE:-1000x500}
