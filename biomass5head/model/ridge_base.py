@@ -82,15 +82,6 @@ def choose_ridge(fit_feats: np.ndarray, fit_t: np.ndarray, select_feats: np.ndar
     return float(scores[best]), float(alphas[best]), (mean, std, *fits[best])
 
 
-def fit_ridge_base(base: RidgeBase, fit_feats: np.ndarray, fit_t: np.ndarray, select_feats: np.ndarray,
-                   select_grams: np.ndarray, decode, score, alphas=ALPHAS) -> float:
-    """Fit `base` on the fitting images and return the alpha of `alphas` chosen on the selection images
-    (`choose_ridge`)."""
-    _, alpha, fit = choose_ridge(fit_feats, fit_t, select_feats, select_grams, decode, score, alphas)
-    base.set(*fit)
-    return alpha
-
-
 def ridge_offset(base: RidgeBase | None, left: torch.Tensor, right: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
     """The heads' raw outputs plus the ridge's offset (when the model has one), then softplus."""
     return F.softplus(raw if base is None else raw + base(left, right).to(raw.dtype))

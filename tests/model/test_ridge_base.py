@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 from biomass5head.metrics import compute_metrics
 from biomass5head.model.five_head import FiveHeadModel
-from biomass5head.model.ridge_base import ALPHAS, MIN_TARGET, RidgeBase, fit_ridge_base
+from biomass5head.model.ridge_base import ALPHAS, MIN_TARGET, RidgeBase, choose_ridge
 from biomass5head.model.targets import TargetTransform
 
 D, T = 16, 3
@@ -32,6 +32,13 @@ def problem(seed=0, n=80):
 
 def score(true, pred):
     return compute_metrics(true, pred)["weighted_r2"]
+
+
+def fit_ridge_base(base, fit_feats, fit_t, select_feats, select_grams, decode, score):
+    """Set `base` to the ridge `choose_ridge` picks on the selection images; return its alpha."""
+    _, alpha, fit = choose_ridge(fit_feats, fit_t, select_feats, select_grams, decode, score)
+    base.set(*fit)
+    return alpha
 
 
 def test_fit_equals_sklearn_ridge_on_standardised_mean_features():

@@ -1,6 +1,6 @@
-"""`--ridge-base` with a feature bank (train/ridge_fit.py): the ridge is fitted on the rows the heads train on, each
-training image's original features and its K pre-augmented variants, with the alpha chosen on the selection images'
-original features; without a bank, on the originals alone."""
+"""`--ridge-base` with a feature bank (train/ridge_fit.py): the ridge's rows (each training image's original features,
+or those and its K pre-augmented variants) and its alpha are chosen together on the selection images' original
+features; without a bank, it is fitted on the originals alone."""
 from __future__ import annotations
 
 import numpy as np
