@@ -186,6 +186,7 @@ class PostConfig:
     correction_threshold: float = 0.15
     always_correct_dead: bool = False
     apply_context_adjustment: bool = False
+    reconcile: bool = False  # --reconcile (model.postprocess.reconcile_targets)
 
     def __post_init__(self):
         _check(self.correction_threshold >= 0, f"--correction-threshold must be >= 0, got {self.correction_threshold}")

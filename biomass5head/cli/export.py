@@ -45,7 +45,8 @@ def export(args: argparse.Namespace) -> int:
                        "hold: use python -m src.predict for it")
     folds = [load_fold_model(p, opts, torch.device("cpu")) for p in run.checkpoints.values()]
     shared = len(set(backbone_digests(folds))) == 1
-    graph = EnsembleGraph(folds, post.correction_threshold, post.always_correct_dead, shared_backbone=shared)
+    graph = EnsembleGraph(folds, post.correction_threshold, post.always_correct_dead, shared_backbone=shared,
+                          reconcile=post.reconcile)
     rel = export_onnx(graph, m.grid[0] * m.grid[1], m.img_size, out)
     tiles = folds[0].tiles(opts)
     meta = {"inputs": {"left": "float32 (batch, T, 3, S, S)", "right": "float32 (batch, T, 3, S, S)"},

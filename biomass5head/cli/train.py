@@ -80,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                         use_log_target=args.use_log_target, target_transform=args.target_transform,
                         interval_weight=args.interval_weight),
         post=PostConfig(correction_threshold=args.correction_threshold, always_correct_dead=args.always_correct_dead,
-                        apply_context_adjustment=args.apply_context_adjustment),
+                        apply_context_adjustment=args.apply_context_adjustment, reconcile=args.reconcile),
         train=TrainConfig(epochs=epochs, grad_accum=args.grad_accum, grad_clip=args.grad_clip, patience=args.patience,
                           lr=args.lr, backbone_lr=args.backbone_lr, weight_decay=args.weight_decay,
                           warmup_epochs=warmup_epochs, two_stage=args.two_stage, freeze_epochs=freeze_epochs,

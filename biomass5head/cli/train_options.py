@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Post-processing")
     g.add_argument("--correction-threshold", type=float, default=0.15)
     g.add_argument("--always-correct-dead", action="store_true")
+    g.add_argument("--reconcile", action="store_true",
+                   help="make the five outputs consistent: Green, Dead and Clover fitted by least squares, under the "
+                        "competition's weights, to all five predictions, then GDM and Total their sums (before the "
+                        "Dead correction, which then changes nothing)")
 
     g = p.add_argument_group("Augmentation")
     g.add_argument("--img-size", type=int, default=518, help="tile size fed to the backbone")

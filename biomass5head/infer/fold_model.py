@@ -151,10 +151,11 @@ def predict_grams(fm: FoldModel, df: pd.DataFrame, opts: InferenceOptions, rt: R
 
 
 def finish(pred: np.ndarray, opts: InferenceOptions) -> np.ndarray:
-    """The run's Dead correction, then --derive-dead (Dead = max(0, Total - GDM)) when chosen."""
+    """The run's --reconcile and Dead correction, then --derive-dead (Dead = max(0, Total - GDM)) when chosen."""
     p = opts.cfg.post
     return apply_postprocess(pred, correction_threshold=p.correction_threshold,
-                             always_correct_dead=p.always_correct_dead, derive_dead=opts.derive_dead)
+                             always_correct_dead=p.always_correct_dead, derive_dead=opts.derive_dead,
+                             reconcile=p.reconcile)
 
 
 def predict_oof(run: Run, df: pd.DataFrame, folds: np.ndarray, opts: InferenceOptions, rt: Runtime

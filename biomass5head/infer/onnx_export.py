@@ -2,9 +2,9 @@
 
 Inputs `left` and `right`, float32 (batch, T, 3, S, S): each view's tiles, row-major, normalised with the
 backbone's mean and std (`data.images.TileSpec`, what `predict` feeds the model). Output `grams` (batch, 5) in
-TARGETS order: every fold model decoded by its own target transform, averaged, then the run's Dead correction,
-exactly as `predict --images` computes (`infer/fold_model.py`). The batch axis is dynamic. The graph is checked
-with ONNX Runtime against PyTorch on random tiles when it is written.
+TARGETS order: every fold model decoded by its own target transform, averaged, then the run's --reconcile and Dead
+correction, exactly as `predict --images` computes (`infer/fold_model.py`). The batch axis is dynamic. The graph is
+checked with ONNX Runtime against PyTorch on random tiles when it is written.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from torch import nn
 from biomass5head.constants import CLOVER, DEAD, GDM, GREEN, TARGETS, TOTAL
 from biomass5head.infer.fold_model import FoldModel
 from biomass5head.infer.run_folder import RunError
+from biomass5head.model.postprocess import COMPONENTS_TO_TARGETS, TARGETS_TO_COMPONENTS
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +30,21 @@ MAX_REL_DIFF = 1e-3
 
 
 class EnsembleGraph(nn.Module):
-    """The fold models' average in grams, with the run's Dead correction, as one module that exports."""
+    """The fold models' average in grams, with the run's post-processing (reconciliation, Dead correction), as one
+    module that exports."""
 
     def __init__(self, folds: list[FoldModel], correction_threshold: float | None, always_correct_dead: bool,
-                 shared_backbone: bool = False):
+                 shared_backbone: bool = False, reconcile: bool = False):
         super().__init__()
         self.models = nn.ModuleList([fm.model for fm in folds])
         self.transforms = [fm.transform for fm in folds]
         self.threshold, self.always = correction_threshold, always_correct_dead
         self.shared = shared_backbone  # every fold's frozen backbone is the same: encode once, keep one copy
+        self.reconcile = reconcile
+        self.register_buffer("to_components", torch.tensor(TARGETS_TO_COMPONENTS, dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("to_targets", torch.tensor(COMPONENTS_TO_TARGETS, dtype=torch.float32),
+                             persistent=False)
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         if self.shared:
@@ -47,7 +54,10 @@ class EnsembleGraph(nn.Module):
         else:
             outs = [m(left, right) for m in self.models]
         grams = torch.stack([tr.decode(o["reg"].float()) for o, tr in zip(outs, self.transforms, strict=True)])
-        return self.correct_dead(grams.mean(0))
+        grams = grams.mean(0)
+        if self.reconcile:  # `model.postprocess.reconcile_targets` in torch operations
+            grams = (grams @ self.to_components.T).clamp(min=0.0) @ self.to_targets.T
+        return self.correct_dead(grams)
 
     def correct_dead(self, g: torch.Tensor) -> torch.Tensor:
         """`model.postprocess.correct_dead` in torch operations (NaN-free inputs: the decode clamps)."""

@@ -91,7 +91,7 @@ def format_report(metrics: dict, run_dir: Path) -> str:
     o = metrics["options"]
     post = [f"correction threshold {o['correction_threshold']}"]
     post += ["always correct Dead"] * o["always_correct_dead"] + ["context adjustment"] * o["apply_context_adjustment"]
-    post += ["derive-dead"] * o["derive_dead"]
+    post = ["reconcile"] * o.get("reconcile", False) + post + ["derive-dead"] * o["derive_dead"]
     lines = [f"OOF evaluation of {run_dir}: folds {metrics['folds_evaluated']}, {metrics['n_images']} images"]
     if metrics["folds_skipped"]:
         lines.append(f"skipped folds {metrics['folds_skipped']} (no checkpoint): {metrics['n_images_skipped']} images")

@@ -152,7 +152,8 @@ class PhotoPredictor:
         per_fold = np.stack(per_fold)  # (F, V, 5)
         post = self.opts.cfg.post
         finish = lambda g: apply_postprocess(g, correction_threshold=post.correction_threshold,  # noqa: E731
-                                             always_correct_dead=post.always_correct_dead)
+                                             always_correct_dead=post.always_correct_dead,
+                                             reconcile=post.reconcile)
         grams = finish(np.mean(means, axis=0, keepdims=True))[0]  # the fold average, as predict_ensemble does
         each = finish(per_fold.reshape(-1, 5))  # every fold x flip, post-processed alike
         return {"grams": grams, "each": each, "folds": [fm.fold for fm in self.folds],

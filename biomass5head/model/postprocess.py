@@ -1,4 +1,4 @@
-"""Post-processing of predictions in grams: Dead correction, derive-dead and the context adjustment.
+"""Post-processing of predictions in grams: the context adjustment, reconciliation, Dead correction and derive-dead.
 
 All functions take (N, 5) arrays in TARGETS order (grams), return a new float64 array and never modify
 their inputs.
@@ -11,6 +11,7 @@ import pandas as pd
 from biomass5head.constants import (
     AUX_HEADS,
     CLOVER,
+    COMPETITION_WEIGHTS,
     DEAD,
     GDM,
     GREEN,
@@ -24,6 +25,14 @@ Probs = dict[str, np.ndarray]  # {head: (N, n_classes) softmax probabilities}
 
 # Targets the context adjustment rescales, with their column in TARGETS order.
 CONTEXT_TARGETS: dict[str, int] = {TARGETS[DEAD]: DEAD, TARGETS[CLOVER]: CLOVER}
+
+# --reconcile: the five targets as sums of the three components (Green, Dead, Clover) -> (Green, Dead, Clover, GDM,
+# Total), and the weighted least-squares map back: the components whose sums are nearest to five predictions under the
+# competition's weights, (A^T W A)^-1 A^T W.
+COMPONENTS_TO_TARGETS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1], [1, 1, 1]], dtype=np.float64)
+_W = np.diag(COMPETITION_WEIGHTS)
+TARGETS_TO_COMPONENTS = np.linalg.solve(COMPONENTS_TO_TARGETS.T @ _W @ COMPONENTS_TO_TARGETS,
+                                        COMPONENTS_TO_TARGETS.T @ _W)  # (3, 5)
 
 
 def _as_pred(pred) -> np.ndarray:
@@ -58,6 +67,17 @@ def correct_dead(pred, threshold: float | None = 0.15, always: bool = False) -> 
         mask = rel > threshold
     out[mask, DEAD] = _dead_from_total(out)[mask]
     return out
+
+
+def reconcile_targets(pred) -> np.ndarray:
+    """Make each row consistent (GDM = Green + Clover, Total = Green + Dead + Clover) with the least change the metric
+    sees: Green, Dead and Clover are fitted by least squares, under the competition's weights (0.1, 0.1, 0.1, 0.2,
+    0.5), to all five predictions; a negative component becomes 0; GDM and Total are then their sums. The five heads
+    predict each target on its own, so each carries its own error; the fit pools the three estimates of every
+    component. A consistent row is left as it is. Rows with NaN stay NaN. Returns the new array."""
+    out = _as_pred(pred)
+    parts = np.maximum(out @ TARGETS_TO_COMPONENTS.T, 0.0)
+    return parts @ COMPONENTS_TO_TARGETS.T
 
 
 def derive_dead(pred) -> np.ndarray:
@@ -140,13 +160,17 @@ def apply_postprocess(
     always_correct_dead: bool,
     derive_dead: bool = False,
     context: tuple[Probs, Ratios] | None = None,
+    reconcile: bool = False,
 ) -> np.ndarray:
-    """The run's post-processing in order: context adjustment (``context = (probs, ratios)``), Dead correction
-    (``correction_threshold`` / ``always_correct_dead``), then derive-dead. Returns the new array."""
+    """The run's post-processing in order: context adjustment (``context = (probs, ratios)``), reconciliation,
+    Dead correction (``correction_threshold`` / ``always_correct_dead``), then derive-dead. Returns the new array.
+    (After reconciliation the rows are consistent, so the Dead correction and derive-dead change nothing.)"""
     out = _as_pred(pred)
     if context is not None:
         probs, ratios = context
         out = apply_context_adjustment(out, probs, ratios)
+    if reconcile:
+        out = reconcile_targets(out)
     out = correct_dead(out, correction_threshold, always=always_correct_dead)
     if derive_dead:
         out[:, DEAD] = _dead_from_total(out)

@@ -157,7 +157,8 @@ class FoldTrainer:
         p = self.cfg.post
         context = (out["probs"], self.context_ratios) if p.apply_context_adjustment else None
         post_pred = apply_postprocess(out["pred"], correction_threshold=p.correction_threshold,
-                                      always_correct_dead=p.always_correct_dead, context=context)
+                                      always_correct_dead=p.always_correct_dead, context=context,
+                                      reconcile=p.reconcile)
         post = compute_metrics(out["true"], post_pred)
         acc = {}
         for head, probs in out["probs"].items():

@@ -10,8 +10,8 @@ import pytest
 from biomass5head.infer.run_folder import RunError, open_run, resolve_options
 
 RECORD_KEYS = ["tta", "derive_dead", "correction_threshold", "always_correct_dead", "apply_context_adjustment",
-               "data_dir", "backbone", "grid", "img_size", "img_size_trained", "hidden_ratio", "batch_size",
-               "num_workers", "prefetch_factor", "device", "amp_dtype", "feature_cache"]
+               "reconcile", "data_dir", "backbone", "grid", "img_size", "img_size_trained", "hidden_ratio",
+               "batch_size", "num_workers", "prefetch_factor", "device", "amp_dtype", "feature_cache"]
 
 
 @pytest.fixture(scope="module")

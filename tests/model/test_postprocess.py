@@ -1,9 +1,10 @@
-"""Post-processing: Dead correction, derive-dead, context ratios and adjustment."""
+"""Post-processing: Dead correction, derive-dead, context ratios and adjustment, reconciliation."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from biomass5head.constants import CLOVER, DEAD, IGNORE_INDEX, TARGETS
+from biomass5head.constants import CLOVER, COMPETITION_WEIGHTS, DEAD, GDM, GREEN, IGNORE_INDEX, TARGETS, TOTAL
+from biomass5head.metrics import compute_metrics
 from biomass5head.model.postprocess import (
     apply_context_adjustment,
     apply_postprocess,
@@ -11,6 +12,7 @@ from biomass5head.model.postprocess import (
     context_factors,
     correct_dead,
     derive_dead,
+    reconcile_targets,
 )
 
 N_CLASSES = {"state": 4, "month": 10, "species": 8}
@@ -174,3 +176,47 @@ def test_apply_postprocess_order():
     out = apply_postprocess(pred, correction_threshold=None, always_correct_dead=True)
     assert out[0, DEAD] == 5.0
     np.testing.assert_array_equal(pred, [[10.0, 2.5, 5.0, 15.0, 20.0]])
+
+
+def _consistent(out):
+    np.testing.assert_allclose(out[:, GDM], out[:, GREEN] + out[:, CLOVER], rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(out[:, TOTAL], out[:, GREEN] + out[:, DEAD] + out[:, CLOVER], rtol=1e-12, atol=1e-9)
+
+
+def test_reconcile_is_the_weighted_least_squares_fit_of_the_components():
+    rng = np.random.default_rng(0)
+    parts = rng.uniform(5, 40, size=(50, 3))
+    true = np.column_stack([parts, parts[:, 0] + parts[:, 2], parts.sum(1)])
+    pred = true * rng.uniform(0.8, 1.25, size=true.shape)  # each output with its own error: inconsistent rows
+    out = reconcile_targets(pred)
+    _consistent(out)
+    # Each row's (Green, Dead, Clover) minimises sum_i w_i (A x - pred)_i^2: numpy's lstsq on the sqrt-weighted system.
+    a = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1], [1, 1, 1]], dtype=float)
+    sw = np.sqrt(COMPETITION_WEIGHTS)
+    for row, got in zip(pred, out, strict=True):
+        x = np.linalg.lstsq(a * sw[:, None], row * sw, rcond=None)[0]
+        np.testing.assert_allclose(got[[GREEN, DEAD, CLOVER]], x, rtol=1e-9)
+    # Pooling the three estimates of each component lowers the weighted error on these noisy rows.
+    assert compute_metrics(true, out)["weighted_r2"] > compute_metrics(true, pred)["weighted_r2"]
+    np.testing.assert_allclose(reconcile_targets(true), true, rtol=1e-12)  # a consistent row is kept
+    np.testing.assert_allclose(reconcile_targets(out), out, rtol=1e-12)  # so reconciling twice changes nothing
+
+
+def test_reconcile_sets_negative_components_to_zero_and_keeps_nan_rows():
+    pred = np.array([[10.0, 0.0, 0.0, 12.0, 8.0],  # Total below GDM: Dead's fit is negative
+                     [np.nan, 1.0, 2.0, 3.0, 4.0]])
+    out = reconcile_targets(pred)
+    assert out[0, DEAD] == 0.0 and out[0, GREEN] > 0
+    _consistent(out[:1])
+    assert np.isnan(out[1]).all()
+    np.testing.assert_array_equal(pred[0], [10.0, 0.0, 0.0, 12.0, 8.0])  # the input is not modified
+
+
+def test_apply_postprocess_reconciles_before_the_dead_correction():
+    pred = np.array([[10.0, 2.0, 5.0, 15.0, 30.0]])  # mismatch 13/30: the Dead correction alone would set Dead 15
+    corrected = apply_postprocess(pred, correction_threshold=0.15, always_correct_dead=False)
+    assert corrected[0, DEAD] == 15.0
+    out = apply_postprocess(pred, correction_threshold=0.15, always_correct_dead=False, reconcile=True)
+    np.testing.assert_allclose(out, reconcile_targets(pred))  # consistent, so the correction changes nothing
+    np.testing.assert_allclose(apply_postprocess(pred, correction_threshold=None, always_correct_dead=True,
+                                                 derive_dead=True, reconcile=True), out)

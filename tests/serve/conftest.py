@@ -12,7 +12,7 @@ from biomass5head.model.backbone import create_backbone
 
 SERVE_TRAIN = ["--backbone", "test_vit", "--img-size", "32", "--grid", "2", "2", "--batch-size", "4",
                "--num-workers", "0", "--device-type", "cpu", "--amp-dtype", "float32", "--epochs", "2",
-               "--freeze-backbone", "--aug-prob", "0", "--train-folds", "0", "1"]
+               "--freeze-backbone", "--aug-prob", "0", "--train-folds", "0", "1", "--reconcile"]
 
 
 @pytest.fixture(scope="session")

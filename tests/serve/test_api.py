@@ -56,6 +56,8 @@ def test_estimates_equal_predict_images(client, serve_run, tiny_data, tmp_path):
     for res in results:
         grams = np.array([res["grams"][t] for t in TARGETS])
         np.testing.assert_allclose(grams, expected.loc[res["name"], list(TARGETS)].to_numpy(float), rtol=1e-4)
+        # the run reconciles (SERVE_TRAIN --reconcile): GDM and Total are the sums of the components
+        assert grams[3] == pytest.approx(grams[0] + grams[2]) and grams[4] == pytest.approx(grams[:3].sum())
         for t in TARGETS:
             assert res["kg_per_ha"][t] == pytest.approx(res["grams"][t] / 0.21 * 10)
             lo, hi = res["range"][t]

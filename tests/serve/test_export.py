@@ -52,6 +52,8 @@ def test_export_matches_predict_through_the_readme_example(serve_run, tiny_data,
     shown = []
     exec(readme_onnx_example(), {"print": shown.append})  # noqa: S102 - the README's own code, as a user runs it
     got = np.array([shown[0][t] for t in TARGETS], dtype=float)
+    for g in (expected, got):  # the run reconciles (SERVE_TRAIN --reconcile), and so does the graph
+        assert g[3] == pytest.approx(g[0] + g[2], rel=1e-4) and g[4] == pytest.approx(g[:3].sum(), rel=1e-4)
     rel = np.abs(got - expected) / np.maximum(np.abs(expected), 1e-3)
     print(f"README ONNX Runtime example vs predict --images: max relative difference {rel.max():.2e}")
     assert rel.max() < 1e-3

@@ -22,7 +22,13 @@ from biomass5head.constants import TARGETS
 from biomass5head.data.datasets import BiomassDataset
 from biomass5head.data.images import TileSpec
 from biomass5head.metrics import compute_metrics
-from biomass5head.model.postprocess import apply_postprocess, compute_context_ratios, correct_dead, derive_dead
+from biomass5head.model.postprocess import (
+    apply_postprocess,
+    compute_context_ratios,
+    correct_dead,
+    derive_dead,
+    reconcile_targets,
+)
 
 
 def test_aux_heads_are_trained_and_reported(aux_run):
@@ -97,6 +103,14 @@ def test_always_correct_dead_replaces_dead_in_every_row(loss_run):
     log = loss_run.log_df()
     assert log["val_weighted_r2"].tolist() == pytest.approx(_post_score(loss_run, derive_dead))
     assert log["val_weighted_r2"].tolist() != pytest.approx(log["val_weighted_r2_raw"].tolist())
+
+
+def test_reconcile_applies_to_validation_before_the_dead_correction(tiny_data, tmp_path_factory):
+    run = train(tmp_path_factory, tiny_data, "--reconcile")
+    assert run.config["post"]["reconcile"] and run.ckpt()["config"]["post"]["reconcile"]
+    log = run.log_df()
+    assert log["val_weighted_r2"].tolist() == pytest.approx(_post_score(run, reconcile_targets))
+    assert log["val_weighted_r2"].tolist() != pytest.approx(_post_score(run, lambda p: correct_dead(p, 0.15)))
 
 
 def test_a_huge_correction_threshold_leaves_predictions_raw(tiny_data, tmp_path_factory):
