@@ -22,17 +22,18 @@ WEIGHTS = "weights/vit_small_patch14_dinov2.imgfocus.safetensors"
 COMMON = ["--backbone", "vit_small_patch14_dinov2.lvd142m", "--backbone-weights", WEIGHTS, "--img-size", "224",
           "--grid", "2", "2", "--freeze-backbone", "--cv-strategy", "group_month",
           "--select-on", "inner", "--device-type", "cpu"]
-# name -> extra options: "robust" is the recipe (--target-transform sqrt --ridge-base --refit --reconcile, trained on
-# the feature bank that the default --aug-prob 0.5 makes; --select-on inner is common to all), each "robust-..." leaves
-# one of its changes out, "reference" has none of them (the model-quality issue's settings, --aug-prob 0).
+# name -> extra options: "robust" is the recipe (--target-transform sqrt --ridge-base --refit, trained on the feature
+# bank that the default --aug-prob 0.5 makes; --select-on inner is common to all), each "robust-no-..." leaves one of
+# its changes out, "robust-<option>" adds one, "reference" has none of them (the model-quality issue's settings,
+# --aug-prob 0).
 VARIANTS = {
     "reference": ["--use-log-target", "--aug-prob", "0"],
     "robust": ["--recipe", "robust"],
     "robust-no-aug": ["--recipe", "robust", "--aug-prob", "0"],
     "robust-bank8": ["--recipe", "robust", "--feature-bank", "8"],
-    "robust-no-refit": ["--target-transform", "sqrt", "--ridge-base", "--reconcile"],
-    "robust-no-ridge-base": ["--target-transform", "sqrt", "--refit", "--reconcile"],
-    "robust-no-reconcile": ["--target-transform", "sqrt", "--ridge-base", "--refit"],
+    "robust-reconcile": ["--recipe", "robust", "--reconcile"],
+    "robust-no-refit": ["--target-transform", "sqrt", "--ridge-base"],
+    "robust-no-ridge-base": ["--target-transform", "sqrt", "--refit"],
     "robust-log1p": ["--recipe", "robust", "--use-log-target"],
 }
 

@@ -11,7 +11,6 @@ ROBUST: dict[str, object] = {
     "target_transform": "sqrt",
     "ridge_base": True,
     "refit": True,
-    "reconcile": True,
 }
 
 RECIPE_DEFAULTS: dict[str, dict[str, object]] = {"reference": {}, "robust": ROBUST}

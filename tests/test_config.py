@@ -110,7 +110,7 @@ def test_every_option_reaches_the_config():
                  "target_transform": None,  # --use-log-target given: the recipe's sqrt yields to it
                  "interval_weight": 0.4},
         "post": {"correction_threshold": 0.3, "always_correct_dead": True, "apply_context_adjustment": True,
-                 "reconcile": True},  # (from the robust recipe)
+                 "reconcile": False},
         "cache": {"enabled": True, "dir": None, "bank": 4},
         "train": {"epochs": 7, "grad_accum": 4, "grad_clip": 0.5, "patience": 3, "lr": 3e-4, "backbone_lr": 2e-5,
                   "weight_decay": 0.05, "warmup_epochs": 1, "two_stage": True, "freeze_epochs": 2,
