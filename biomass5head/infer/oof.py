@@ -89,9 +89,9 @@ def selection_note(select_on: str, refit: bool = False) -> str:
 def format_report(metrics: dict, run_dir: Path) -> str:
     """The printed summary: coverage, options, the metric table and per-fold primary scores."""
     o = metrics["options"]
-    post = [f"correction threshold {o['correction_threshold']}"]
-    post += ["always correct Dead"] * o["always_correct_dead"] + ["context adjustment"] * o["apply_context_adjustment"]
-    post = ["reconcile"] * o.get("reconcile", False) + post + ["derive-dead"] * o["derive_dead"]
+    post = ["context adjustment"] * o["apply_context_adjustment"] + ["reconcile"] * o.get("reconcile", False)
+    post += [f"correction threshold {o['correction_threshold']}"] + ["always correct Dead"] * o["always_correct_dead"]
+    post += ["derive-dead"] * o["derive_dead"]  # (in the order they apply)
     lines = [f"OOF evaluation of {run_dir}: folds {metrics['folds_evaluated']}, {metrics['n_images']} images"]
     if metrics["folds_skipped"]:
         lines.append(f"skipped folds {metrics['folds_skipped']} (no checkpoint): {metrics['n_images_skipped']} images")
