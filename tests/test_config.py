@@ -84,6 +84,7 @@ def test_every_option_reaches_the_config():
         "--aux-month-weight", "0.4", "--aux-species-weight", "0.25", "--apply-context-adjustment",
         "--target-weights", "0.1", "0.1", "0.1", "0.2", "0.5", "--constraint-weight", "0.2", "--use-focal-loss",
         "--use-dead-aware-loss", "--no-huber-for-dead", "--correction-threshold", "0.3", "--always-correct-dead",
+        "--reconcile",
         "--img-size", "224", "--aug-prob", "0.7", "--stereo-correct-aug", "--stereo-swap-prob", "0.5",
         "--use-log-target", "--mixup-prob", "0.2", "--mixup-alpha", "0.3", "--cutmix-prob", "0.1",
         "--cutmix-alpha", "0.8", "--amp-dtype", "bfloat16", "--num-folds", "4", "--train-folds", "1", "3",
@@ -110,7 +111,7 @@ def test_every_option_reaches_the_config():
                  "target_transform": None,  # --use-log-target given: the recipe's sqrt yields to it
                  "interval_weight": 0.4},
         "post": {"correction_threshold": 0.3, "always_correct_dead": True, "apply_context_adjustment": True,
-                 "reconcile": False},
+                 "reconcile": True},
         "cache": {"enabled": True, "dir": None, "bank": 4},
         "train": {"epochs": 7, "grad_accum": 4, "grad_clip": 0.5, "patience": 3, "lr": 3e-4, "backbone_lr": 2e-5,
                   "weight_decay": 0.05, "warmup_epochs": 1, "two_stage": True, "freeze_epochs": 2,
