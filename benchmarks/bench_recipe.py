@@ -32,7 +32,8 @@ VARIANTS = {
     "robust-no-aug": ["--recipe", "robust", "--aug-prob", "0"],
     "robust-bank8": ["--recipe", "robust", "--feature-bank", "8"],
     "robust-reconcile": ["--recipe", "robust", "--reconcile"],
-    "robust-no-refit": ["--target-transform", "sqrt", "--ridge-base"],
+    "robust-no-refit": ["--target-transform", "sqrt", "--ridge-base", "--ridge-select", "cv"],
+    "robust-holdout": ["--recipe", "robust", "--ridge-select", "holdout"],
     "robust-no-ridge-base": ["--target-transform", "sqrt", "--refit"],
     "robust-log1p": ["--recipe", "robust", "--use-log-target"],
 }

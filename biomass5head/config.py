@@ -17,6 +17,7 @@ from biomass5head.constants import CV_STRATEGIES, TARGETS
 DEFAULT_BACKBONE = "vit_base_patch14_reg4_dinov2.lvd142m"
 AMP_DTYPES = ("float16", "bfloat16", "float32")
 SELECT_ON = ("fold", "inner")
+RIDGE_SELECT = ("holdout", "cv")  # --ridge-select: how the ridge base's rows and alpha are chosen
 TARGET_TRANSFORMS = ("identity", "log1p", "sqrt")
 RECIPES = ("reference", "robust")
 # What a tile gives the heads: the CLS token (the reference), the mean of its patch tokens, or both side by side.
@@ -212,6 +213,7 @@ class TrainConfig:
     select_on: str = "fold"  # "fold" (the reference: the scored fold) or "inner" (an inner split of the training folds)
     inner_frac: float = 0.2
     refit: bool = False  # with select_on inner: train each fold again on all its training images (train/refit.py)
+    ridge_select: str = "holdout"  # --ridge-base: rows and alpha chosen on the selection images, or "cv" (ridge_fit.py)
     compile: bool = False  # torch.compile the backbone (pixel epochs)
     ema_decay: float = 0.0  # > 0: an exponential moving average of the weights is validated and saved
 
@@ -230,6 +232,8 @@ class TrainConfig:
         _check(self.amp_dtype in AMP_DTYPES, f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}")
         _check(self.select_on in SELECT_ON, f"--select-on must be one of {', '.join(SELECT_ON)}, got {self.select_on}")
         _check(0.0 < self.inner_frac <= 0.5, f"--inner-frac must be in (0, 0.5], got {self.inner_frac}")
+        _check(self.ridge_select in RIDGE_SELECT,
+               f"--ridge-select must be one of {', '.join(RIDGE_SELECT)}, got {self.ridge_select}")
         _check(not self.refit or self.select_on == "inner",
                "--refit needs --select-on inner (it retrains up to the epoch chosen on the inner split)")
         _check(self.save_every >= 0 and math.isfinite(self.save_every),

@@ -11,6 +11,7 @@ ROBUST: dict[str, object] = {
     "target_transform": "sqrt",
     "ridge_base": True,
     "refit": True,
+    "ridge_select": "cv",
 }
 
 RECIPE_DEFAULTS: dict[str, dict[str, object]] = {"reference": {}, "robust": ROBUST}

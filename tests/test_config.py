@@ -92,7 +92,8 @@ def test_every_option_reaches_the_config():
         "--check-photos", "full", "--allow-any-aspect", "--save-every", "60", "--keep-last",
         "--select-on", "inner", "--inner-frac", "0.3", "--recipe", "robust", "--compile",
         "--tile-feature", "patch_mean", "--ema-decay", "0.99", "--interval-heads", "7", "--interval-weight", "0.4",
-        "--scale-aug-prob", "0.3", "--scale-range", "0.6", "1.4", "--scale-pad", "grey", "--head-seeds", "3")
+        "--scale-aug-prob", "0.3", "--scale-range", "0.6", "1.4", "--scale-pad", "grey", "--head-seeds", "3",
+        "--ridge-select", "holdout")
     assert cfg.to_dict() == {
         "model": {"backbone": "vit_small_patch14_dinov2.lvd142m", "grid": [1, 3], "img_size": 224, "dropout": 0.3,
                   "hidden_ratio": 0.25, "film": False, "attention_pool": False, "grad_ckpt": True,
@@ -117,7 +118,8 @@ def test_every_option_reaches_the_config():
                   "weight_decay": 0.05, "warmup_epochs": 1, "two_stage": True, "freeze_epochs": 2,
                   "head_lr_stage1": 5e-4, "freeze_backbone": False, "amp_dtype": "bfloat16", "save_every": 60.0,
                   "keep_last": True, "select_on": "inner", "inner_frac": 0.3, "compile": True,
-                  "ema_decay": 0.99, "refit": True},  # (from the robust recipe)
+                  "ema_decay": 0.99, "refit": True,  # (from the robust recipe)
+                  "ridge_select": "holdout"},  # given: wins over the recipe's cv
         "output_dir": "O", "device_type": "cpu", "seed": 7, "recipe": "robust",
     }
 

@@ -87,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                           head_lr_stage1=args.head_lr_stage1, freeze_backbone=args.freeze_backbone,
                           amp_dtype=args.amp_dtype, save_every=args.save_every, keep_last=args.keep_last,
                           select_on=args.select_on, inner_frac=args.inner_frac, refit=args.refit,
+                          ridge_select=args.ridge_select,
                           compile=args.compile, ema_decay=args.ema_decay),
         cache=CacheConfig(enabled=not args.no_feature_cache, dir=args.feature_cache, bank=args.feature_bank),
         output_dir=args.output_dir,

@@ -12,6 +12,7 @@ from biomass5head.config import (
     DEFAULT_BACKBONE,
     RECIPES,
     SCALE_PADS,
+    RIDGE_SELECT,
     SELECT_ON,
     TARGET_TRANSFORMS,
     TILE_FEATURES,
@@ -95,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "from its own random draw and trained on its own loss; the prediction is their mean (default 1)")
     g.add_argument("--ridge-base", action="store_true",
                    help="with --freeze-backbone: the heads learn a residual over a ridge regression on the training "
-                        "images' mean tile features (alpha chosen on the selection images), starting from zero")
+                        "images' mean tile features (alpha chosen as --ridge-select says), starting from zero")
+    g.add_argument("--ridge-select", default="holdout", choices=RIDGE_SELECT,
+                   help="with --ridge-base, how its rows (originals, or with the feature bank) and alpha are chosen: "
+                        "holdout = on the selection images (the scored fold, or the inner split with --select-on "
+                        "inner), cv = by cross-validation over the k = round(1 / --inner-frac) inner parts of the "
+                        "training folds, the mean of the parts' weighted R2 (never the scored fold)")
 
     g = p.add_argument_group("Training configuration")
     g.add_argument("--epochs", type=int, default=50)

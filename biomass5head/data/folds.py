@@ -240,12 +240,18 @@ def fold_summary(df: pd.DataFrame, folds: np.ndarray) -> str:
 
 
 def inner_split(df: pd.DataFrame, strategy: str, frac: float, seed: int) -> np.ndarray:
-    """Boolean mask of the rows of a training fold (`df`) held out to select on (`--select-on inner`).
+    """Boolean mask of the rows of a training fold (`df`) held out to select on (`--select-on inner`): part 0 of
+    `inner_parts`, so about `frac` of the images (exactly 1/k of them up to group sizes)."""
+    return inner_parts(df, strategy, frac, seed) == 0
+
+
+def inner_parts(df: pd.DataFrame, strategy: str, frac: float, seed: int) -> np.ndarray:
+    """The part (0 .. k-1) of each row of a training fold (`df`) in its inner k-fold split.
 
     The rows are split like the outer `--cv-strategy` splits them: the groups (months or dates) of a group
-    strategy stay whole, stratified as the outer split is, into k = round(1 / frac) parts, of which the first is
-    held out; so about `frac` of the images (exactly 1/k of them up to group sizes). When the training fold has
-    fewer groups than k, a group strategy holds out one of them if it has at least two, else falls back to a
+    strategy stay whole, stratified as the outer split is, into k = round(1 / frac) parts. Part 0 is the inner
+    split that `--select-on inner` holds out; all k serve `--ridge-select cv`. When the training fold has fewer
+    groups than k, a group strategy makes one part per group if it has at least two, else falls back to a
     stratified split of images (logged).
     """
     if not 0.0 < frac < 1.0:
@@ -265,11 +271,12 @@ def inner_split(df: pd.DataFrame, strategy: str, frac: float, seed: int) -> np.n
         if groups is not None:
             k = min(k, len(pd.unique(groups)))
             splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-            _, held = next(splitter.split(x, labels if labels is not None else np.zeros(len(df)), groups))
+            splits = splitter.split(x, labels if labels is not None else np.zeros(len(df)), groups)
         elif labels is not None and np.bincount(pd.factorize(labels)[0]).min() >= 2:
-            _, held = next(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, labels))
+            splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, labels)
         else:
-            _, held = next(KFold(n_splits=k, shuffle=True, random_state=seed).split(x))
-    mask = np.zeros(len(df), dtype=bool)
-    mask[held] = True
-    return mask
+            splits = KFold(n_splits=k, shuffle=True, random_state=seed).split(x)
+        parts = np.full(len(df), -1)
+        for part, (_, held) in enumerate(splits):
+            parts[held] = part
+    return parts

@@ -42,13 +42,16 @@ class FoldTrainer:
     """Everything one fold needs; `run()` trains it and returns the fold's summary."""
 
     def __init__(self, cfg: RunConfig, fold: int, train_df: pd.DataFrame, val_df: pd.DataFrame, runtime: Runtime,
-                 out_dir: Path, image_cache: dict | None = None, config_record: dict | None = None):
+                 out_dir: Path, image_cache: dict | None = None, config_record: dict | None = None,
+                 train_folds_df: pd.DataFrame | None = None):
         self.cfg, self.fold, self.out_dir = cfg, fold, Path(out_dir)
         self.seed = cfg.fold_seed(fold)
         self.runtime, self.device, self.dist = runtime, runtime.device, runtime.dist
         self.config_record = config_record if config_record is not None else cfg.to_dict()
         self.train_df, self.val_df = train_df.reset_index(drop=True), val_df.reset_index(drop=True)
         self.ridge_df = self.train_df  # the images the ridge base's alpha is chosen with (refit.py: fewer)
+        # every image of the fold's training folds, however they are split for selection (--ridge-select cv)
+        self.train_folds_df = (self.train_df if train_folds_df is None else train_folds_df).reset_index(drop=True)
         self.transform = TargetTransform.fit(self.train_df[list(TARGETS)].to_numpy(np.float64),
                                              kind=cfg.loss.transform_kind)
         self.context_ratios = compute_context_ratios(self.train_df) if cfg.model.use_aux_heads else None
@@ -113,7 +116,7 @@ class FoldTrainer:
         return cfg.cache.resolved_dir(cfg.data.base_path), key, common
 
     def fit_ridge_base(self) -> tuple[float, str]:
-        """--ridge-base: fit the model's ridge; (alpha, rows) as chosen on the selection images (train/ridge_fit.py)."""
+        """--ridge-base: fit the model's ridge; (alpha, rows) as --ridge-select chose them (train/ridge_fit.py)."""
         return fit_fold_ridge(self)
 
     def bank_features(self, paths) -> dict:
