@@ -6,8 +6,10 @@ same backbone features?". Features per photo, pooled from the cached (2, T, D) t
 the mean over the tiles (D numbers) or the mean and the max (2 x D), standardised on the training images.
 Targets: log1p(grams) or sqrt(grams), one ridge for the five. For each fold, the pooling, the target space and
 the regularisation alpha are chosen on an inner split of that fold's training images (the same split
-`--select-on inner` uses; see `data.folds.inner_split`), the ridge is refitted on all of them with that choice,
-and it predicts the fold it never saw. Nothing is chosen on a scored fold. (log1p alone, the first version of
+`--select-on inner` uses; see `data.folds.inner_split`), or, when the run chose its ridge base with
+`--ridge-select cv`, by the same inner cross-validation (the mean score over the inner parts): the probe is chosen
+by the same rule as the model it is compared with. The ridge is refitted on all of them with that choice, and it
+predicts the fold it never saw. Nothing is chosen on a scored fold. (log1p alone, the first version of
 this probe, is 0.04-0.09 weighted R² weaker on the realistic synthetic sets: the metric is in grams.)
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pandas as pd
 
 from biomass5head.constants import TARGETS
 from biomass5head.data.feature_cache import ensure_features
-from biomass5head.data.folds import inner_split
+from biomass5head.data.folds import inner_parts
 from biomass5head.infer.fold_model import fold_feature_cache, load_fold_model
 from biomass5head.infer.run_folder import RunError, resolve_options, runtime
 from biomass5head.metrics import compute_metrics
@@ -58,22 +60,26 @@ def choose_alpha(features: np.ndarray, targets: np.ndarray, held: np.ndarray) ->
     return float(ALPHAS[int(np.argmax(_scores(features, targets, held)))])
 
 
-def choose(tiles: np.ndarray, targets: np.ndarray, held: np.ndarray) -> tuple[str, str, float]:
+def choose(tiles: np.ndarray, targets: np.ndarray, held: np.ndarray | list[np.ndarray]) -> tuple[str, str, float]:
     """The (pooling, target space, alpha) of POOLINGS x SPACES x ALPHAS whose ridge, fitted on the rows not `held`,
-    scores best (weighted R2 in grams) on `held` (the first of equal scores). `tiles` (N, 2, T, D)."""
+    scores best (weighted R2 in grams) on `held` (the first of equal scores). `tiles` (N, 2, T, D). `held` may be
+    a list of masks (the parts of an inner cross-validation): the score is then the mean over them."""
+    masks = held if isinstance(held, list) else [held]
     scores = {}
     for p in POOLINGS:
         x = pooled_features(tiles, p)
         for s in SPACES:
-            scores.update({(p, s, float(a)): v for a, v in zip(ALPHAS, _scores(x, targets, held, s), strict=True)})
+            mean = np.mean([_scores(x, targets, m, s) for m in masks], axis=0)
+            scores.update({(p, s, float(a)): v for a, v in zip(ALPHAS, mean, strict=True)})
     return max(scores, key=scores.get)
 
 
-def ridge_oof(tiles: np.ndarray, targets: np.ndarray, folds: np.ndarray, inner: dict[int, np.ndarray]
+def ridge_oof(tiles: np.ndarray, targets: np.ndarray, folds: np.ndarray, inner: dict[int, np.ndarray | list]
               ) -> tuple[np.ndarray, dict[int, tuple[str, str, float]]]:
     """Out-of-fold ridge predictions in grams (N, 5) and the (pooling, target space, alpha) chosen per fold. `tiles`
     (N, 2, T, D) cached tile features, `targets` (N, 5) grams, `folds` (N,); `inner[k]`: boolean mask over the
-    training rows of fold k (rows with folds != k, in order) of those held out to choose."""
+    training rows of fold k (rows with folds != k, in order) of those held out to choose, or a list of such masks
+    (inner cross-validation: the mean score over them)."""
     pred = np.zeros_like(targets, dtype=np.float64)
     chosen = {}
     for fold in np.unique(folds):
@@ -101,8 +107,11 @@ def probe_oof(run, df: pd.DataFrame, folds: np.ndarray) -> tuple[np.ndarray, dic
     and the feature width D. `df` in load_train order (the order the trainer split), `folds` one per row."""
     cfg = run.config
     tiles = probe_features(run, df)
-    inner = {int(k): inner_split(df[folds != k], cfg.data.cv_strategy, cfg.train.inner_frac, cfg.fold_seed(int(k)))
-             for k in np.unique(folds)}
+    inner = {}
+    for k in map(int, np.unique(folds)):
+        parts = inner_parts(df[folds != k], cfg.data.cv_strategy, cfg.train.inner_frac, cfg.fold_seed(k))
+        # the same selection rule as the run's ridge base: part 0 (the inner split), or every part (--ridge-select cv)
+        inner[k] = [parts == j for j in range(parts.max() + 1)] if cfg.train.ridge_select == "cv" else parts == 0
     pred, chosen = ridge_oof(tiles, df[list(TARGETS)].to_numpy(np.float64), folds, inner)
     return pred, chosen, tiles.shape[-1]
 
@@ -115,6 +124,7 @@ def probe_metrics(run, df: pd.DataFrame, folds: np.ndarray, sample_ids) -> dict:
     rows = pd.Index(df["sample_id_prefix"]).get_indexer(pd.Index(sample_ids))
     metrics = compute_metrics(df[list(TARGETS)].to_numpy(np.float64)[rows], pred[rows])
     metrics["chosen_per_fold"] = {str(k): {"pooling": p, "space": sp, "alpha": a} for k, (p, sp, a) in chosen.items()}
+    metrics["chosen_on"] = "inner cross-validation" if run.config.train.ridge_select == "cv" else "inner split"
     metrics["feature_dim"] = dim
     return metrics
 

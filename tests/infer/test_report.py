@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from biomass5head.cli import eval as eval_cli
 from biomass5head.cli import report as report_cli
 from biomass5head.constants import TARGETS
-from biomass5head.data.folds import inner_split, read_fold_csv
+from biomass5head.data.folds import inner_parts, inner_split, read_fold_csv
 from biomass5head.data.tables import load_train
 from biomass5head.infer.linear_probe import (
     ALPHAS,
@@ -175,3 +175,43 @@ def test_eval_says_when_the_five_heads_lose_to_the_probe(head_only, tmp_path, ca
     warned = [r for r in caplog.records if "loses to the ridge probe by" in r.getMessage()]
     assert warned and warned[0].levelname == "WARNING"
     assert f"loses to the ridge probe by {1.0 - metrics['weighted_r2']:.4f}" in warned[0].getMessage()
+
+
+def test_after_ridge_select_cv_the_probe_is_chosen_by_the_same_inner_cross_validation(head_only, tiny_data,
+                                                                                      tmp_path):
+    """A run whose ridge base chose by --ridge-select cv is compared with a probe chosen by the same rule: the
+    pooling, space and alpha with the best mean weighted R2 over the inner parts of each fold's training images."""
+    run_dir = copy_run(head_only.out, tmp_path / "cv")
+    config = json.loads((run_dir / "config.json").read_text())
+    config["train"]["ridge_select"] = "cv"
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert eval_cli.main(["--model-dir", str(run_dir)]) == 0
+    assert report_cli.main(["--model-dir", str(run_dir)]) == 0
+    ridge = json.loads((run_dir / "ridge_oof_metrics.json").read_text())
+    assert ridge["chosen_on"] == "inner cross-validation"
+    assert "chosen on a cross-validation over the inner parts" in (run_dir / "report.md").read_text()
+    run = open_run(run_dir)
+    df = load_train(tiny_data)
+    folds = read_fold_csv(run_dir / "folds.csv", df, run.config.data.num_folds)
+    tiles = probe_features(run, df).reshape(len(df), -1, 64)
+    pooled = {"mean": tiles.mean(1), "mean_max": np.concatenate([tiles.mean(1), tiles.max(1)], 1)}
+    spaces = {"log1p": (np.log1p, np.expm1), "sqrt": (np.sqrt, lambda z: np.maximum(z, 0) ** 2)}
+    true = df[list(TARGETS)].to_numpy(np.float64)
+    for k in map(int, np.unique(folds)):
+        train = folds != k
+        parts = inner_parts(df[train], run.config.data.cv_strategy, 0.2, run.config.fold_seed(k))
+        assert parts.max() >= 1
+        scores = {}
+        for name, x in pooled.items():
+            for space, (forward, back) in spaces.items():
+                for alpha in ALPHAS:
+                    per_part = []
+                    for j in range(parts.max() + 1):
+                        fit_x, held_x = x[train][parts != j], x[train][parts == j]
+                        scaler = StandardScaler().fit(fit_x)
+                        fit = Ridge(alpha=alpha).fit(scaler.transform(fit_x), forward(true[train][parts != j]))
+                        guess = np.clip(back(fit.predict(scaler.transform(held_x))), 0, None)
+                        per_part.append(compute_metrics(true[train][parts == j], guess)["weighted_r2"])
+                    scores[name, space, alpha] = np.mean(per_part)
+        name, space, alpha = max(scores, key=scores.get)
+        assert ridge["chosen_per_fold"][str(k)] == {"pooling": name, "space": space, "alpha": alpha}
