@@ -129,9 +129,12 @@ def probe_metrics(run, df: pd.DataFrame, folds: np.ndarray, sample_ids) -> dict:
     return metrics
 
 
-def comparison(five_head: float, ridge: float) -> str:
-    """One sentence: does the 5-head beat the ridge probe on the same features?"""
+def comparison(five_head: float, ridge: float, recipe: str = "reference") -> str:
+    """One sentence: does the 5-head beat the ridge probe on the same features? (`recipe`: the run's `--recipe`;
+    the robust recipe is suggested only to a run that did not use it.)"""
     if five_head >= ridge:
         return f"The 5-head model beats the ridge probe by {five_head - ridge:.4f} weighted R²."
+    advice = ("; try `--recipe robust` (README, \"Recipes\")" if recipe != "robust" else
+              ", even with `--recipe robust` (docs/MODEL_QUALITY.md has what was measured)")
     return (f"**The 5-head model loses to the ridge probe by {ridge - five_head:.4f} weighted R²**: on these photos a "
-            "linear model on the same features is better; try `--recipe robust` (README, \"Recipes\").")
+            f"linear model on the same features is better{advice}.")

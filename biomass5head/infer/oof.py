@@ -117,7 +117,7 @@ def compare_with_probe(run, df: pd.DataFrame, folds: np.ndarray, table: pd.DataF
         logger.info("ridge probe skipped: %s", exc)
         return
     metrics["ridge_probe_weighted_r2"] = ridge
-    text = comparison(metrics["weighted_r2"], ridge).replace("**", "").replace("²", "2")
+    text = comparison(metrics["weighted_r2"], ridge, run.config.recipe).replace("**", "").replace("²", "2")
     (logger.info if metrics["weighted_r2"] >= ridge else logger.warning)(
         "ridge probe on the same features and folds: weighted R2 %.4f. %s", ridge, text)
 

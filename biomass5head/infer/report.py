@@ -48,7 +48,7 @@ def build_report(run_dir: Path) -> str:
     write_json(run.path / "ridge_oof_metrics.json", ridge)
     baseline = json.loads((run.path / "summary.json").read_text()).get("mean_baseline_train_mean_r2")
     selection = five_head.get("selection", selection_note(run.config.train.select_on, run.config.train.refit))
-    verdict = comparison(five_head["weighted_r2"], ridge["weighted_r2"])
+    verdict = comparison(five_head["weighted_r2"], ridge["weighted_r2"], run.config.recipe)
     text = "\n".join([
         f"# Report: {run.path.name}", "",
         f"Out-of-fold scores on {five_head['n_images']} images (folds {five_head['folds_evaluated']}), in grams. "

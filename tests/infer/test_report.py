@@ -215,3 +215,15 @@ def test_after_ridge_select_cv_the_probe_is_chosen_by_the_same_inner_cross_valid
                     scores[name, space, alpha] = np.mean(per_part)
         name, space, alpha = max(scores, key=scores.get)
         assert ridge["chosen_per_fold"][str(k)] == {"pooling": name, "space": space, "alpha": alpha}
+
+
+def test_the_verdict_suggests_the_robust_recipe_only_to_runs_without_it():
+    from biomass5head.infer.linear_probe import comparison
+
+    assert comparison(0.85, 0.80) == "The 5-head model beats the ridge probe by 0.0500 weighted R²."
+    reference = comparison(0.80, 0.85)
+    assert reference.startswith("**The 5-head model loses to the ridge probe by 0.0500 weighted R²**")
+    assert "try `--recipe robust`" in reference
+    robust = comparison(0.80, 0.85, "robust")
+    assert "loses to the ridge probe by 0.0500" in robust and "try `--recipe robust`" not in robust
+    assert "even with `--recipe robust`" in robust
