@@ -22,10 +22,10 @@ WEIGHTS = "weights/vit_small_patch14_dinov2.imgfocus.safetensors"
 COMMON = ["--backbone", "vit_small_patch14_dinov2.lvd142m", "--backbone-weights", WEIGHTS, "--img-size", "224",
           "--grid", "2", "2", "--freeze-backbone", "--cv-strategy", "group_month",
           "--select-on", "inner", "--device-type", "cpu"]
-# name -> extra options: "robust" is the recipe (--target-transform sqrt --ridge-base --refit, trained on the feature
-# bank that the default --aug-prob 0.5 makes; --select-on inner is common to all), each "robust-no-..." leaves one of
-# its changes out, "robust-<option>" adds one, "reference" has none of them (the model-quality issue's settings,
-# --aug-prob 0).
+# name -> extra options: "robust" is the recipe (--target-transform sqrt --ridge-base --refit --ridge-select cv,
+# trained on the feature bank that the default --aug-prob 0.5 makes; --select-on inner is common to all), each
+# "robust-no-..." leaves one of its changes out, "robust-holdout" chooses the ridge on the inner split alone,
+# "robust-<option>" adds one, "reference" has none of them (the model-quality issue's settings, --aug-prob 0).
 VARIANTS = {
     "reference": ["--use-log-target", "--aug-prob", "0"],
     "robust": ["--recipe", "robust"],
