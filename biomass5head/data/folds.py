@@ -280,3 +280,14 @@ def inner_parts(df: pd.DataFrame, strategy: str, frac: float, seed: int) -> np.n
         for part, (_, held) in enumerate(splits):
             parts[held] = part
     return parts
+
+
+def scored_parts(parts: np.ndarray) -> list[int]:
+    """The inner parts (of `inner_parts`) that a cross-validation can score: those with at least 2 images (R² needs
+    two; a grouped split may leave a part empty when the training fold has few groups). Raises FoldError when none
+    has."""
+    kept = [int(j) for j, n in zip(*np.unique(parts[parts >= 0], return_counts=True), strict=True) if n >= 2]
+    if not kept:
+        raise FoldError(f"no inner part of the {len(parts)} training images has 2 images to score: lower "
+                        "--inner-frac, or use --ridge-select holdout")
+    return kept

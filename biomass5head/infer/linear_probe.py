@@ -19,7 +19,7 @@ import pandas as pd
 
 from biomass5head.constants import TARGETS
 from biomass5head.data.feature_cache import ensure_features
-from biomass5head.data.folds import inner_parts
+from biomass5head.data.folds import inner_parts, scored_parts
 from biomass5head.infer.fold_model import fold_feature_cache, load_fold_model
 from biomass5head.infer.run_folder import RunError, resolve_options, runtime
 from biomass5head.metrics import compute_metrics
@@ -111,7 +111,7 @@ def probe_oof(run, df: pd.DataFrame, folds: np.ndarray) -> tuple[np.ndarray, dic
     for k in map(int, np.unique(folds)):
         parts = inner_parts(df[folds != k], cfg.data.cv_strategy, cfg.train.inner_frac, cfg.fold_seed(k))
         # the same selection rule as the run's ridge base: part 0 (the inner split), or every part (--ridge-select cv)
-        inner[k] = [parts == j for j in range(parts.max() + 1)] if cfg.train.ridge_select == "cv" else parts == 0
+        inner[k] = [parts == j for j in scored_parts(parts)] if cfg.train.ridge_select == "cv" else parts == 0
     pred, chosen = ridge_oof(tiles, df[list(TARGETS)].to_numpy(np.float64), folds, inner)
     return pred, chosen, tiles.shape[-1]
 

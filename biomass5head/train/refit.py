@@ -7,8 +7,8 @@ weighted R² (docs/MODEL_QUALITY.md). The refit pass starts again from the same 
 training image of the fold, under the same schedule (the same number of epochs planned, so the learning rate follows
 the selection pass's curve), and stops after the selected epoch; the fold's checkpoint holds its last weights. The
 epoch count is the only thing carried over, and it was chosen on images that were not scored, so the OOF score stays
-honest. The ridge base (`--ridge-base`) keeps the rows and alpha chosen on the inner split (train/ridge_fit.py) and is
-refitted on every image.
+honest. The ridge base (`--ridge-base`) keeps the rows and alpha the selection pass chose (on the inner split, or by
+the same inner cross-validation with `--ridge-select cv`; train/ridge_fit.py) and is refitted on every image.
 
 The refit pass logs to `log_fold{k}_refit.csv`; its "val" columns score the inner split, which is now part of the
 training images (in-sample: a check that training went as planned, not a selection). It resumes from its own state

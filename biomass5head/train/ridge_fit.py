@@ -11,7 +11,9 @@ with the primary metric on original features (`--ridge-select`):
 - cv: by cross-validation over the inner parts of the fold's training folds (`data.folds.inner_parts`, grouped like
   the outer split; part 0 is the inner split), the mean of the parts' scores, as scikit-learn's GridSearchCV scores.
   Every training image then serves the choice, not one part of about 60 images, whose choice of alpha varied
-  enough between folds to cost the ridge 0.01 (docs/MODEL_QUALITY.md, "Fifth round"); the scored fold never does.
+  enough between folds to cost the ridge 0.01-0.05 (docs/MODEL_QUALITY.md, "Fifth round"); the scored fold never
+  does. (With `--select-on inner` the inner split then serves the ridge's choice and the epoch's, so the inner score
+  in summary.json is a little optimistic; the OOF score is not.)
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from biomass5head.constants import TARGETS
 from biomass5head.data.feature_cache import FeatureCache, ensure_features
-from biomass5head.data.folds import inner_parts
+from biomass5head.data.folds import inner_parts, scored_parts
 from biomass5head.metrics import compute_metrics
 from biomass5head.model.ridge_base import ALPHAS, MIN_TARGET, choose_ridge, ridge_solutions
 
@@ -63,21 +65,20 @@ def choose_rows_cv(candidates: dict, parts: np.ndarray, transform, alphas=ALPHAS
     `candidates`: {rows: (features (R, 2, T, D), grams (R, 5))} of the training folds' images as `ridge_rows` stacks
     them (the N originals first, then each bank variant of every image), in order of preference: a tie keeps the
     earlier one. `parts` (N,): each image's inner part. For part j the ridge is fitted on the rows of the other
-    parts' images (with their bank rows) and scored on part j's original features, in grams."""
+    parts' images (with their bank rows) and scored on part j's original features, in grams; a part of fewer than
+    2 images is not scored (`data.folds.scored_parts`)."""
     best = None
     for rows, (x, g) in candidates.items():
         row_part = np.tile(parts, len(x) // len(parts))
         pooled = x.mean(axis=(1, 2), dtype=np.float64)  # the mean over both views' tiles, as choose_ridge pools
         scores = []
-        for part in np.unique(parts):
+        for part in scored_parts(parts):
             held = np.flatnonzero(parts == part)  # original rows only: the images as eval sees them
             mean, std, fits = ridge_solutions(pooled[row_part != part], transform.encode(g[row_part != part]), alphas)
             xs = (pooled[held] - mean) / std
             scores.append([_weighted_r2(g[held], transform.decode(np.maximum(xs @ w + b, MIN_TARGET)))
                            for w, b in fits])
-        scores = np.array(scores, dtype=np.float64)  # (parts, alphas); a part whose R2 is undefined is left out
-        scored = (~np.isnan(scores)).sum(axis=0)
-        mean_scores = np.where(scored > 0, np.nansum(scores, axis=0) / np.maximum(scored, 1), -np.inf)
+        mean_scores = np.mean(scores, axis=0)  # over the parts, per alpha
         k = int(np.argmax(mean_scores))
         if best is None or mean_scores[k] > best[2]:
             best = (rows, float(alphas[k]), float(mean_scores[k]))
@@ -105,8 +106,8 @@ def fit_fold_ridge(trainer) -> tuple[float, str]:
     if cv:
         parts = inner_parts(pool_df, cfg.data.cv_strategy, cfg.train.inner_frac, cfg.fold_seed(trainer.fold))
         rows, alpha, score = choose_rows_cv(candidates, parts, trainer.transform)
-        how = (f"by {parts.max() + 1}-part inner cross-validation over the {len(pool_df)} training images (mean "
-               f"weighted R2 {score:.4f})")
+        how = (f"by {len(scored_parts(parts))}-part inner cross-validation over the {len(pool_df)} training images "
+               f"(mean weighted R2 {score:.4f})")
     else:
         select, grams = ridge_rows(val_df, originals, {})
         rows, alpha, fit, n_rows = choose_rows(candidates, select, grams, trainer.transform)

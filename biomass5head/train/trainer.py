@@ -49,7 +49,7 @@ class FoldTrainer:
         self.runtime, self.device, self.dist = runtime, runtime.device, runtime.dist
         self.config_record = config_record if config_record is not None else cfg.to_dict()
         self.train_df, self.val_df = train_df.reset_index(drop=True), val_df.reset_index(drop=True)
-        self.ridge_df = self.train_df  # the images the ridge base's alpha is chosen with (refit.py: fewer)
+        self.ridge_df = self.train_df  # --ridge-select holdout: the images its choice fits on (refit.py: fewer)
         # every image of the fold's training folds, however they are split for selection (--ridge-select cv)
         self.train_folds_df = (self.train_df if train_folds_df is None else train_folds_df).reset_index(drop=True)
         self.transform = TargetTransform.fit(self.train_df[list(TARGETS)].to_numpy(np.float64),

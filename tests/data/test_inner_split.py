@@ -7,7 +7,7 @@ import pytest
 from test_folds import synthetic_frame
 
 from biomass5head.constants import CV_STRATEGIES
-from biomass5head.data.folds import FoldError, inner_split, make_folds
+from biomass5head.data.folds import FoldError, inner_parts, inner_split, make_folds, scored_parts
 
 GROUP_COLUMN = {"group_month": "month", "group_date": "Sampling_Date", "group_date_state": "month",
                 "group_date_state_bin": "month"}
@@ -57,3 +57,20 @@ def test_bad_fraction_and_too_few_images(training_fold):
         inner_split(training_fold, "group_month", 1.0, seed=0)
     with pytest.raises(FoldError, match="cannot hold out an inner split of 3 training images"):
         inner_split(training_fold.iloc[:3], "random", 0.2, seed=0)
+
+
+@pytest.mark.parametrize("strategy", CV_STRATEGIES)
+def test_inner_parts_cover_every_image_once_and_part_0_is_the_inner_split(training_fold, strategy):
+    parts = inner_parts(training_fold, strategy, 0.2, seed=118)
+    assert parts.shape == (len(training_fold),) and parts.min() == 0 and 2 <= parts.max() + 1 <= 5
+    np.testing.assert_array_equal(parts == 0, inner_split(training_fold, strategy, 0.2, seed=118))
+    column = GROUP_COLUMN.get(strategy)
+    if column:  # a group lies in one part
+        assert training_fold.groupby(column).apply(lambda g: parts[training_fold.index.get_indexer(g.index)]
+                                                   .tolist()).map(lambda p: len(set(p))).max() == 1
+
+
+def test_scored_parts_leave_out_parts_too_small_to_score():
+    assert scored_parts(np.array([0, 0, 1, 2, 2, 2, 4, 4])) == [0, 2, 4]  # part 1 has one image, part 3 none
+    with pytest.raises(FoldError, match="no inner part of the 3 training images has 2 images to score"):
+        scored_parts(np.array([0, 1, 2]))

@@ -24,7 +24,7 @@ from biomass5head.train.ridge_fit import choose_rows_cv
 BANK = 2
 
 
-def sklearn_cv(x: dict, grams: np.ndarray, parts: np.ndarray, tf: TargetTransform):
+def sklearn_cv(x: dict, grams: np.ndarray, parts: np.ndarray, tf: TargetTransform, scored=None):
     """(rows, alpha, mean score) of the best scikit-learn ridge: for each candidate's mean features (R, D) (the N
     originals, then their copies) and alpha, a ridge fitted on the rows of the images outside part j, scored on part
     j's originals; the mean over parts; ties keep the earlier candidate and alpha."""
@@ -34,7 +34,7 @@ def sklearn_cv(x: dict, grams: np.ndarray, parts: np.ndarray, tf: TargetTransfor
         row_part, t = np.tile(parts, copies), tf.encode(np.tile(grams, (copies, 1)))
         for alpha in ALPHAS:
             scores = []
-            for j in np.unique(parts):
+            for j in np.unique(parts) if scored is None else scored:
                 scaler = StandardScaler().fit(xr[row_part != j])
                 ridge = Ridge(alpha=alpha).fit(scaler.transform(xr[row_part != j]), t[row_part != j])
                 pred = tf.decode(np.maximum(ridge.predict(scaler.transform(xr[:len(parts)][parts == j])), MIN_TARGET))
@@ -123,3 +123,25 @@ def test_both_passes_choose_by_inner_cv_over_the_training_folds_only(cv_run, tin
             raw = trainer.model.ridge(torch.as_tensor(query[:, 0]), torch.as_tensor(query[:, 1]))
         np.testing.assert_allclose(torch.nn.functional.softplus(raw).numpy(), expected, rtol=1e-3, atol=1e-4)
     assert len(selection.train_df) < N_TRAIN_FOLD0 == len(refit.train_df)
+
+
+def test_a_part_of_one_image_is_not_scored():
+    x, grams, _ = nuisance_problem(n=41, d=8)
+    tf = TargetTransform.fit(grams, kind="sqrt")
+    parts = np.append(np.arange(40) % 4, 4)  # part 4: a single image, which R² cannot score
+    rows, alpha, score = choose_rows_cv({"originals": (x, grams)}, parts, tf)
+    # the four scored parts' ridges are fitted with the lone image among their rows, as any other training image
+    want = sklearn_cv({"originals": x.mean(axis=(1, 2)).astype(np.float64)}, grams, parts, tf, scored=[0, 1, 2, 3])
+    assert (rows, alpha) == want[:2] and score == pytest.approx(want[2], abs=1e-6)
+
+
+def test_with_select_on_fold_the_choice_is_still_made_inside_the_training_folds(tiny_data, tmp_path_factory):
+    run = train(tmp_path_factory, tiny_data, "--freeze-backbone", "--ridge-base", "--aug-prob", "0",
+                "--ridge-select", "cv", "--epochs", "1")
+    assert run.rc == 0
+    trainer = run.trainers[0]
+    df = load_train(tiny_data)
+    scored = set(df["sample_id_prefix"][make_folds(df, "group_month", 5, 18) == 0])
+    assert set(trainer.val_df["sample_id_prefix"]) == scored  # the reference's selection: on the scored fold
+    assert not set(trainer.train_folds_df["sample_id_prefix"]) & scored
+    assert any(f"inner cross-validation over the {N_TRAIN_FOLD0} training images" in m for m in run.log)
