@@ -40,6 +40,18 @@ def copy_run(run, dest):
     return dest
 
 
+def probe_inputs(run_dir, data):
+    """What the probe sees, read back independently: (run, training table, folds, its two poolings of the cached tile
+    features (test_vit's D = 64), the two target spaces (forward, back), the grams)."""
+    run = open_run(run_dir)
+    df = load_train(data)
+    folds = read_fold_csv(run_dir / "folds.csv", df, run.config.data.num_folds)
+    tiles = probe_features(run, df).reshape(len(df), -1, 64)
+    pooled = {"mean": tiles.mean(1), "mean_max": np.concatenate([tiles.mean(1), tiles.max(1)], 1)}
+    spaces = {"log1p": (np.log1p, np.expm1), "sqrt": (np.sqrt, lambda z: np.maximum(z, 0) ** 2)}
+    return run, df, folds, pooled, spaces, df[list(TARGETS)].to_numpy(np.float64)
+
+
 @pytest.fixture(scope="module")
 def reported(head_only, tmp_path_factory):
     """The head-only run (folds 0 and 1 trained) evaluated and reported."""
@@ -67,13 +79,7 @@ def test_report_sets_the_five_heads_beside_the_ridge_on_the_same_features(report
     oof = pd.read_csv(reported / "oof_predictions.csv")
     assert ridge["n_images"] == five_head["n_images"] == len(oof)
     assert "(the mean, 64 numbers per photo, or the mean and the max, 128; standardised)" in text
-    run = open_run(reported)
-    df = load_train(tiny_data)
-    folds = read_fold_csv(reported / "folds.csv", df, run.config.data.num_folds)
-    tiles = probe_features(run, df).reshape(len(df), -1, 64)
-    pooled = {"mean": tiles.mean(1), "mean_max": np.concatenate([tiles.mean(1), tiles.max(1)], 1)}
-    spaces = {"log1p": (np.log1p, np.expm1), "sqrt": (np.sqrt, lambda z: np.maximum(z, 0) ** 2)}
-    true = df[list(TARGETS)].to_numpy(np.float64)
+    run, df, folds, pooled, spaces, true = probe_inputs(reported, tiny_data)
     pred = np.zeros_like(true)
     for k in np.unique(folds):
         train = folds != k
@@ -190,13 +196,7 @@ def test_after_ridge_select_cv_the_probe_is_chosen_by_the_same_inner_cross_valid
     ridge = json.loads((run_dir / "ridge_oof_metrics.json").read_text())
     assert ridge["chosen_on"] == "inner cross-validation"
     assert "chosen on a cross-validation over the inner parts" in (run_dir / "report.md").read_text()
-    run = open_run(run_dir)
-    df = load_train(tiny_data)
-    folds = read_fold_csv(run_dir / "folds.csv", df, run.config.data.num_folds)
-    tiles = probe_features(run, df).reshape(len(df), -1, 64)
-    pooled = {"mean": tiles.mean(1), "mean_max": np.concatenate([tiles.mean(1), tiles.max(1)], 1)}
-    spaces = {"log1p": (np.log1p, np.expm1), "sqrt": (np.sqrt, lambda z: np.maximum(z, 0) ** 2)}
-    true = df[list(TARGETS)].to_numpy(np.float64)
+    run, df, folds, pooled, spaces, true = probe_inputs(run_dir, tiny_data)
     for k in map(int, np.unique(folds)):
         train = folds != k
         parts = inner_parts(df[train], run.config.data.cv_strategy, 0.2, run.config.fold_seed(k))
