@@ -42,6 +42,10 @@ def ridge_rows(df, originals: dict, bank: dict) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(feats), np.tile(grams, (1 + len(variants), 1))
 
 
+def _weighted_r2(true: np.ndarray, pred: np.ndarray) -> float:
+    return compute_metrics(true, pred)["weighted_r2"]
+
+
 def choose_rows(candidates: dict, select: np.ndarray, grams: np.ndarray, transform) -> tuple[str, float, tuple, int]:
     """The candidate rows and alpha whose ridge scores best on the selection images (`select` features, `grams`):
     (rows, alpha, (mean, std, weight, bias), number of rows). `candidates`: {rows: (features, grams)}, in order of
@@ -49,14 +53,10 @@ def choose_rows(candidates: dict, select: np.ndarray, grams: np.ndarray, transfo
     best = None
     for rows, (x, g) in candidates.items():
         score, alpha, fit = choose_ridge(x, transform.encode(g), select, grams, transform.decode,
-                                         lambda true, pred: compute_metrics(true, pred)["weighted_r2"])
+                                         _weighted_r2)
         if best is None or score > best[0]:
             best = (score, rows, alpha, fit, len(x))
     return best[1:]
-
-
-def _weighted_r2(true: np.ndarray, pred: np.ndarray) -> float:
-    return compute_metrics(true, pred)["weighted_r2"]
 
 
 def choose_rows_cv(candidates: dict, parts: np.ndarray, transform, alphas=ALPHAS) -> tuple[str, float, float]:
