@@ -56,9 +56,9 @@ def build_report(run_dir: Path) -> str:
         "Ridge probe: one ridge regression of log1p(grams) or sqrt(grams) on the same frozen tile features, pooled "
         f"over the tiles of both views (the mean, {dim} numbers per photo, or the mean and the max, {2 * dim}; "
         "standardised), same folds; the pooling, target space and alpha are chosen on "
-        + ("a cross-validation over the inner parts of each fold's training images (the run's "
-           "--ridge-select cv)" if run.config.train.ridge_select == "cv" else "an inner split of each fold's training "
-           "images") + f", never on the scored fold (per fold: {per_fold}).", "",
+        + ("a cross-validation over the inner parts of each fold's training images (the run's --ridge-select cv)"
+           if ridge["chosen_on"] == "inner cross-validation" else "an inner split of each fold's training images")
+        + f", never on the scored fold (per fold: {per_fold}).", "",
         metric_rows({"5-head model": five_head, "ridge probe": ridge}), "",
         verdict, "",
         f"Predicting the training mean scores {baseline:.4f} (mean over folds)." if baseline is not None else "",

@@ -269,15 +269,16 @@ def train_fold(cfg: RunConfig, fold: int, df: pd.DataFrame, folds: np.ndarray, r
     seed_everything(cfg.init_seed(fold))
     start = time.perf_counter()
     trainer = None
-    fit_df, select_df = selection_split(cfg, fold, df[folds != fold], df[folds == fold])
+    train_folds_df = df[folds != fold]
+    fit_df, select_df = selection_split(cfg, fold, train_folds_df, df[folds == fold])
     try:
         trainer = FoldTrainer(cfg, fold, fit_df, select_df, rt, out_dir, image_cache=cache, config_record=record,
-                              train_folds_df=df[folds != fold])
+                              train_folds_df=train_folds_df)
         result = trainer.run()
         if cfg.train.refit:  # the same fold again on all its training images, up to the selected epoch
             seed_everything(cfg.init_seed(fold))
             trainer = RefitTrainer(cfg, fold, fit_df, select_df, result["best_epoch"] + 1, rt, out_dir,
-                                   image_cache=cache, config_record=record, train_folds_df=df[folds != fold])
+                                   image_cache=cache, config_record=record, train_folds_df=train_folds_df)
             trainer.run()
             result.update(refit_epochs=result["best_epoch"] + 1, n_refit=len(trainer.train_df))
     except torch.OutOfMemoryError as exc:  # the settings, not the code: say which options to lower
