@@ -4,15 +4,18 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from biomass5head.device import configure_cpu_threads
+from xdist_workers import auto_workers, share_cpu_threads
 
 # Tests never reach the network: timm / huggingface must not try the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The same intra-op threads as the entry points use (the usable cores), set before any test computes, so results
-# do not depend on which entry point ran first.
-configure_cpu_threads()
+# The same intra-op threads as the entry points use, set before any test computes, so results do not depend on which
+# entry point ran first; under pytest-xdist each worker takes its share of the cores.
+share_cpu_threads()
 
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per usable core, at most 4 (tests/xdist_workers.py)."""
+    return auto_workers()
 
 
 def pytest_collection_modifyitems(config, items):
