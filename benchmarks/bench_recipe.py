@@ -36,6 +36,8 @@ VARIANTS = {
     "robust-holdout": ["--recipe", "robust", "--ridge-select", "holdout"],
     "robust-no-ridge-base": ["--target-transform", "sqrt", "--refit"],
     "robust-log1p": ["--recipe", "robust", "--use-log-target"],
+    "robust-scale": ["--recipe", "robust", "--scale-aug-prob", "0.5"],
+    "robust-light": ["--recipe", "robust", "--light-aug-prob", "0.5"],
 }
 
 

@@ -128,14 +128,15 @@ class AugConfig:
     scale_aug_prob: float = 0.0  # > 0: random zoom out (padded) / in, identical on both views
     scale_range: tuple[float, float] = (0.75, 1.25)
     scale_pad: str = "reflect"  # data.augment.SCALE_PADS
+    light_aug_prob: float = 0.0  # > 0: a shadow and a daylight white balance, identical on both views
 
     @property
     def augmenting(self) -> bool:
         """Whether training photos are augmented (beyond the left/right swap, which works on features too)."""
-        return self.aug_prob > 0 or self.scale_aug_prob > 0
+        return self.aug_prob > 0 or self.scale_aug_prob > 0 or self.light_aug_prob > 0
 
     def __post_init__(self):
-        for name in ("aug_prob", "stereo_swap_prob", "mixup_prob", "cutmix_prob", "scale_aug_prob"):
+        for name in ("aug_prob", "stereo_swap_prob", "mixup_prob", "cutmix_prob", "scale_aug_prob", "light_aug_prob"):
             _check_prob(getattr(self, name), "--" + name.replace("_", "-"))
         _check(self.mixup_prob + self.cutmix_prob <= 1.0 + 1e-9,
                f"--mixup-prob + --cutmix-prob must not exceed 1, got {self.mixup_prob + self.cutmix_prob}")

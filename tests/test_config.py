@@ -92,7 +92,8 @@ def test_every_option_reaches_the_config():
         "--check-photos", "full", "--allow-any-aspect", "--save-every", "60", "--keep-last",
         "--select-on", "inner", "--inner-frac", "0.3", "--recipe", "robust", "--compile",
         "--tile-feature", "patch_mean", "--ema-decay", "0.99", "--interval-heads", "7", "--interval-weight", "0.4",
-        "--scale-aug-prob", "0.3", "--scale-range", "0.6", "1.4", "--scale-pad", "grey", "--head-seeds", "3",
+        "--scale-aug-prob", "0.3", "--scale-range", "0.6", "1.4", "--scale-pad", "grey", "--light-aug-prob", "0.2",
+        "--head-seeds", "3",
         "--ridge-select", "holdout")
     assert cfg.to_dict() == {
         "model": {"backbone": "vit_small_patch14_dinov2.lvd142m", "grid": [1, 3], "img_size": 224, "dropout": 0.3,
@@ -105,7 +106,7 @@ def test_every_option_reaches_the_config():
                  "check_photos": "full", "allow_any_aspect": True},
         "aug": {"aug_prob": 0.7, "stereo_correct_aug": True, "stereo_swap_prob": 0.5, "mixup_prob": 0.2,
                 "mixup_alpha": 0.3, "cutmix_prob": 0.1, "cutmix_alpha": 0.8, "scale_aug_prob": 0.3,
-                "scale_range": [0.6, 1.4], "scale_pad": "grey"},
+                "scale_range": [0.6, 1.4], "scale_pad": "grey", "light_aug_prob": 0.2},
         "loss": {"target_weights": [0.1, 0.1, 0.1, 0.2, 0.5], "constraint_weight": 0.2, "use_focal_loss": True,
                  "use_dead_aware_loss": True, "huber_for_dead": False, "aux_state_weight": 0.5,
                  "aux_month_weight": 0.4, "aux_species_weight": 0.25, "use_log_target": True,

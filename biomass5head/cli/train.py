@@ -72,7 +72,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                       stereo_swap_prob=args.stereo_swap_prob, mixup_prob=args.mixup_prob,
                       mixup_alpha=args.mixup_alpha, cutmix_prob=args.cutmix_prob, cutmix_alpha=args.cutmix_alpha,
                       scale_aug_prob=args.scale_aug_prob, scale_range=tuple(args.scale_range),
-                      scale_pad=args.scale_pad),
+                      scale_pad=args.scale_pad, light_aug_prob=args.light_aug_prob),
         loss=LossConfig(target_weights=tuple(args.target_weights), constraint_weight=args.constraint_weight,
                         use_focal_loss=args.use_focal_loss, use_dead_aware_loss=args.use_dead_aware_loss,
                         huber_for_dead=not args.no_huber_for_dead, aux_state_weight=args.aux_state_weight,

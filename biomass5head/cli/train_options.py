@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zoom factors (below 1: out, above 1: in; default 0.75 1.25)")
     g.add_argument("--scale-pad", default="reflect", choices=SCALE_PADS,
                    help="border of a zoom-out: the photo's edge mirrored (default) or neutral grey")
+    g.add_argument("--light-aug-prob", type=float, default=0.0, metavar="P",
+                   help="probability of a cast shadow, and separately of a daylight white balance (3000-15000 K), "
+                        "the same on both views; works with the feature bank; default 0: off")
 
     g = p.add_argument_group("Target normalization")
     g.add_argument("--use-log-target", action="store_true", help="learn log1p(grams)")

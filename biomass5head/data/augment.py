@@ -100,6 +100,19 @@ def _photometric(p: float, pair: dict[str, str]) -> A.Compose:
     )
 
 
+def _lighting(p: float, pair: dict[str, str]) -> A.Compose:
+    """Uneven and coloured light, each with probability p: a hard-edged shadow (a person, a post, a fence) darkening
+    one or two polygons by 25-60 %, and the colour of daylight (black-body white balance, 3000-15000 K)."""
+    return A.Compose(
+        [
+            A.RandomShadow(shadow_roi=(0, 0, 1, 1), num_shadows_limit=(1, 2), shadow_dimension=6,
+                           shadow_intensity_range=(0.25, 0.6), p=p),
+            A.PlanckianJitter(mode="blackbody", p=p),
+        ],
+        additional_targets=pair,
+    )
+
+
 def _scale(p: float, scale_range: tuple[float, float], pad: str, pair: dict[str, str]) -> A.Compose:
     """Random zoom about the view's centre, the same factor on both views: below 1 the photo shrinks and the border
     is padded (`pad`), above 1 the centre is enlarged and the edges cropped; the view keeps its size."""
@@ -125,6 +138,9 @@ class StereoAugment:
     - Scale (--scale-aug-prob, before everything else, independent of `aug_prob`): with probability `scale_prob` a
       zoom by a factor from `scale_range` about the centre (out: padded by `scale_pad`; in: edges cropped),
       always identical on both views, as the camera's distance is.
+    - Light (--light-aug-prob, after the geometric and before the colour transforms, independent of `aug_prob`):
+      with probability `light_prob` each, a shadow and a daylight white balance, identical on both views (the
+      shadow lies on the scene, the light's colour is the sky's).
     - Swap: after the transforms, left and right are exchanged with probability `swap_prob`.
 
     `aug_prob=0, swap_prob=0, scale_prob=0` returns the inputs untouched. Randomness comes only from `seed` (see
@@ -134,8 +150,9 @@ class StereoAugment:
 
     def __init__(self, aug_prob: float = 0.5, stereo_correct: bool = False, swap_prob: float = 0.0,
                  seed: int | None = None, scale_prob: float = 0.0, scale_range: tuple[float, float] = (0.75, 1.25),
-                 scale_pad: str = "reflect"):
-        for name, value in (("aug_prob", aug_prob), ("swap_prob", swap_prob), ("scale_prob", scale_prob)):
+                 scale_pad: str = "reflect", light_prob: float = 0.0):
+        for name, value in (("aug_prob", aug_prob), ("swap_prob", swap_prob), ("scale_prob", scale_prob),
+                            ("light_prob", light_prob)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if not 0.0 < scale_range[0] <= scale_range[1]:
@@ -146,20 +163,24 @@ class StereoAugment:
         self.stereo_correct = bool(stereo_correct)
         self.swap_prob = float(swap_prob)
         self.scale_prob, self.scale_range, self.scale_pad = float(scale_prob), tuple(scale_range), scale_pad
+        self.light_prob = float(light_prob)
         pair = {"right": "image"}
         self._zoom = _scale(self.scale_prob, self.scale_range, scale_pad, pair)
         self._geo = _geometric(self.aug_prob, pair)
         self._rot90 = A.Compose([A.RandomRotate90(p=min(self.aug_prob, MAX_FLIP_PROB))], additional_targets=pair)
         self._photo = _photometric(self.aug_prob, pair)
+        self._light = _lighting(self.light_prob, pair)
         self.reseed(seed)
 
     def reseed(self, seed: int | None) -> None:
         """Restart every random stream from `seed` (None: fresh entropy), e.g. per DataLoader worker and epoch."""
-        geo, rot, photo, swap, zoom = np.random.SeedSequence(seed).spawn(5)
+        # (spawn(6)'s first five children are spawn(5)'s, so adding the light kept every earlier draw the same)
+        geo, rot, photo, swap, zoom, light = np.random.SeedSequence(seed).spawn(6)
         seed_compose(self._zoom, zoom)
         seed_compose(self._geo, geo)
         seed_compose(self._rot90, rot)
         seed_compose(self._photo, photo)
+        seed_compose(self._light, light)
         self._rng = np.random.default_rng(swap)
         self._pid = os.getpid()
 
@@ -171,16 +192,22 @@ class StereoAugment:
         if self.scale_prob > 0.0:
             out = self._zoom(image=left, right=right)
             left, right = np.ascontiguousarray(out["image"]), np.ascontiguousarray(out["right"])
-        if self.aug_prob > 0.0:
+        if self.aug_prob > 0.0 or self.light_prob > 0.0:
             left, right = self._augment(left, right)
         if self.swap_prob > 0.0 and self._rng.random() < self.swap_prob:
             left, right = right, left
         return left, right
 
     def _augment(self, left: np.ndarray, right: np.ndarray) -> Views:
-        out = self._geo(image=left, right=right)
-        if left.shape[0] == left.shape[1]:
-            out = self._rot90(image=out["image"], right=out["right"])
+        out = {"image": left, "right": right}
+        if self.aug_prob > 0.0:
+            out = self._geo(image=left, right=right)
+            if left.shape[0] == left.shape[1]:
+                out = self._rot90(image=out["image"], right=out["right"])
+        if self.light_prob > 0.0:
+            out = self._light(image=out["image"], right=out["right"])
+        if self.aug_prob == 0.0:
+            return np.ascontiguousarray(out["image"]), np.ascontiguousarray(out["right"])
         if self.stereo_correct:
             left = self._photo(image=out["image"])["image"]
             right = self._photo(image=out["right"])["image"]
@@ -192,8 +219,9 @@ class StereoAugment:
     def __repr__(self) -> str:
         scale = (f", scale_prob={self.scale_prob}, scale_range={self.scale_range}, scale_pad={self.scale_pad!r}"
                  if self.scale_prob else "")
+        light = f", light_prob={self.light_prob}" if self.light_prob else ""
         return (f"StereoAugment(aug_prob={self.aug_prob}, stereo_correct={self.stereo_correct}, "
-                f"swap_prob={self.swap_prob}{scale})")
+                f"swap_prob={self.swap_prob}{scale}{light})")
 
 
 def augment_from_config(aug, seed: int | None = None, swap: bool = True) -> StereoAugment:
@@ -201,7 +229,7 @@ def augment_from_config(aug, seed: int | None = None, swap: bool = True) -> Ster
     feature bank, where the swap is applied on the features instead)."""
     return StereoAugment(aug_prob=aug.aug_prob, stereo_correct=aug.stereo_correct_aug,
                          swap_prob=aug.stereo_swap_prob if swap else 0.0, seed=seed, scale_prob=aug.scale_aug_prob,
-                         scale_range=aug.scale_range, scale_pad=aug.scale_pad)
+                         scale_range=aug.scale_range, scale_pad=aug.scale_pad, light_prob=aug.light_aug_prob)
 
 
 def _check_views(left: np.ndarray, right: np.ndarray) -> None:

@@ -250,8 +250,11 @@ def plan_feature_path(cfg) -> FeaturePlan:
         key = {"aug_prob": a.aug_prob, "stereo_correct": a.stereo_correct_aug, "seed": cfg.seed}
         if a.scale_aug_prob > 0:  # (only then, so banks written before the option keep their key)
             key.update(scale_prob=a.scale_aug_prob, scale_range=list(a.scale_range), scale_pad=a.scale_pad)
+        if a.light_aug_prob > 0:
+            key.update(light_prob=a.light_aug_prob)
         scale = (f", --scale-aug-prob {a.scale_aug_prob} range {a.scale_range[0]:g}-{a.scale_range[1]:g} "
                  f"pad {a.scale_pad}" if a.scale_aug_prob > 0 else "")
+        scale += f", --light-aug-prob {a.light_aug_prob}" if a.light_aug_prob > 0 else ""
         return FeaturePlan(True, bank_variants(cfg.cache.bank), json.dumps(key),
                            f"feature cache: on for {scope}: a bank of {cfg.cache.bank} pre-augmented variants per "
                            f"training photo (--aug-prob {a.aug_prob}, stereo-correct {a.stereo_correct_aug}{scale}), "
