@@ -114,3 +114,21 @@ def test_scale_augmentation_of_a_frozen_run_goes_into_the_feature_bank(tiny_data
         aug0, aug1 = (np.load(bank / f"{digest}_{v}.npy") for v in ("aug0", "aug1"))
         assert not np.allclose(aug0, aug1)  # two different zooms of the photo
         assert not (original / f"{digest}_id.npy").exists()  # training photos are only read zoomed
+
+
+def test_light_augmentation_of_a_frozen_run_goes_into_the_feature_bank(tiny_data, tmp_path):
+    """--light-aug-prob with --aug-prob 0: a bank of shadowed and tinted variants under a key that names the light."""
+    cache = tmp_path / "cache"
+    rec = train(tiny_data, tmp_path / "run", cache, "--freeze-backbone", "--aug-prob", "0", "--light-aug-prob", "1",
+                "--feature-bank", "2", "--train-folds", "0")
+    assert any("a bank of 2 pre-augmented variants" in m and "--light-aug-prob 1.0" in m for m in rec.log)
+    (train_ds,) = rec.datasets
+    assert isinstance(train_ds, FeatureDataset) and train_ds.variants == ["aug0", "aug1"]
+    keys = {d: json.loads((d / "key.json").read_text())["aug"] for d in cache.iterdir() if d.is_dir()}
+    (bank,) = [d for d, aug in keys.items() if aug]
+    assert json.loads(keys[bank])["light_prob"] == 1.0
+    files = sorted(bank.glob("*.npy"))
+    assert len(files) == 24 * 2
+    for digest in {f.stem.rsplit("_", 1)[0] for f in files}:
+        aug0, aug1 = (np.load(bank / f"{digest}_{v}.npy") for v in ("aug0", "aug1"))
+        assert not np.allclose(aug0, aug1)  # two different shadows and tints of the photo
