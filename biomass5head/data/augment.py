@@ -143,9 +143,10 @@ class StereoAugment:
       shadow lies on the scene, the light's colour is the sky's).
     - Swap: after the transforms, left and right are exchanged with probability `swap_prob`.
 
-    `aug_prob=0, swap_prob=0, scale_prob=0` returns the inputs untouched. Randomness comes only from `seed` (see
-    `reseed`): the same seed gives the same outputs. In a forked DataLoader worker that was not reseeded explicitly,
-    the first call reseeds from torch's per-worker seed, so workers do not repeat each other's augmentations.
+    `aug_prob=0, swap_prob=0, scale_prob=0, light_prob=0` returns the inputs untouched. Randomness comes only from
+    `seed` (see `reseed`): the same seed gives the same outputs. In a forked DataLoader worker that was not reseeded
+    explicitly, the first call reseeds from torch's per-worker seed, so workers do not repeat each other's
+    augmentations.
     """
 
     def __init__(self, aug_prob: float = 0.5, stereo_correct: bool = False, swap_prob: float = 0.0,

@@ -252,12 +252,12 @@ def plan_feature_path(cfg) -> FeaturePlan:
             key.update(scale_prob=a.scale_aug_prob, scale_range=list(a.scale_range), scale_pad=a.scale_pad)
         if a.light_aug_prob > 0:
             key.update(light_prob=a.light_aug_prob)
-        scale = (f", --scale-aug-prob {a.scale_aug_prob} range {a.scale_range[0]:g}-{a.scale_range[1]:g} "
+        extra = (f", --scale-aug-prob {a.scale_aug_prob} range {a.scale_range[0]:g}-{a.scale_range[1]:g} "
                  f"pad {a.scale_pad}" if a.scale_aug_prob > 0 else "")
-        scale += f", --light-aug-prob {a.light_aug_prob}" if a.light_aug_prob > 0 else ""
+        extra += f", --light-aug-prob {a.light_aug_prob}" if a.light_aug_prob > 0 else ""
         return FeaturePlan(True, bank_variants(cfg.cache.bank), json.dumps(key),
                            f"feature cache: on for {scope}: a bank of {cfg.cache.bank} pre-augmented variants per "
-                           f"training photo (--aug-prob {a.aug_prob}, stereo-correct {a.stereo_correct_aug}{scale}), "
+                           f"training photo (--aug-prob {a.aug_prob}, stereo-correct {a.stereo_correct_aug}{extra}), "
                            "one drawn per epoch; left/right swap applied on features; validation on the original "
                            "photos")
     return FeaturePlan(True, ("id",), "", f"feature cache: on for {scope}: original photos (--aug-prob 0); "
