@@ -24,12 +24,17 @@ def _shadow_mask(out, view):
     return out.astype(int).sum(-1) < 0.8 * view.astype(int).sum(-1)
 
 
-def test_a_shadow_darkens_part_of_both_views_in_the_same_place():
+def _lit(seed: int, n: int):
+    """The flat view and n (left, right) draws of the light alone at p = 1 on a copy of it on both sides."""
     view = _view()
-    aug = StereoAugment(aug_prob=0.0, light_prob=1.0, seed=3)
+    aug = StereoAugment(aug_prob=0.0, light_prob=1.0, seed=seed)
+    return view, [aug(view, view.copy()) for _ in range(n)]
+
+
+def test_a_shadow_darkens_part_of_both_views_in_the_same_place():
+    view, draws = _lit(seed=3, n=10)
     fractions = []
-    for _ in range(10):
-        out_l, out_r = aug(view, view.copy())
+    for out_l, out_r in draws:
         assert out_l.shape == view.shape and out_l.dtype == np.uint8
         np.testing.assert_array_equal(out_l, out_r)  # identical inputs stay identical: one light for the scene
         mask = _shadow_mask(out_l, view)
@@ -42,11 +47,9 @@ def test_a_shadow_darkens_part_of_both_views_in_the_same_place():
 
 
 def test_the_white_balance_tints_the_view():
-    view = _view()
-    aug = StereoAugment(aug_prob=0.0, light_prob=1.0, seed=4)
+    view, draws = _lit(seed=4, n=12)
     ratios = []
-    for _ in range(12):
-        out, _ = aug(view, view.copy())
+    for out, _ in draws:
         lit = ~_shadow_mask(out, view)
         red, blue = out[lit][:, 0].astype(float).mean(), out[lit][:, 2].astype(float).mean()
         ratios.append(red / blue)
